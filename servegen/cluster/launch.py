@@ -1,0 +1,86 @@
+"""How a server command runs on a cluster: the argv and environment on this machine (local:
+bash, mpirun for one task per GPU, docker for containers) or inside a Slurm allocation (srun
+across the nodes, pyxis for containers)."""
+
+import os
+import shlex
+import sys
+from dataclasses import dataclass
+
+from servegen.cluster.config import ClusterConfig
+from servegen.errors import ServegenError
+from servegen.server.command import ServerCommand, ServerSpec
+
+
+@dataclass(frozen=True)
+class Launch:
+    argv: list[str]
+    env: dict[str, str]  # what servegen sets on top of the caller's environment
+    # `python3` in engine commands means the interpreter servegen runs in, as an active venv would
+    our_python_first: bool = False
+
+    def shell(self) -> str:
+        """The launch as one shell command a user could paste."""
+        assigns = [f"{k}={shlex.quote(v)}" for k, v in self.env.items()]
+        if self.argv[:2] == ["bash", "-c"] and "\n" not in self.argv[2]:
+            return " ".join(assigns + [self.argv[2]])  # a single command needs no bash -c around it
+        return " ".join(assigns + [shlex.quote(a) for a in self.argv])
+
+    def full_env(self) -> dict[str, str]:
+        env = {**os.environ, **self.env}
+        if self.our_python_first:
+            env["PATH"] = os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", "")
+        return env
+
+
+def server_env(command: ServerCommand, cluster: ClusterConfig) -> dict[str, str]:
+    """Engine defaults (the caller's own variables win over them), then the cluster config's."""
+    env = {k: v for k, v in command.env.items() if k not in os.environ}
+    env.update(cluster.env_vars)
+    return env
+
+
+def local_launch(spec: ServerSpec, command: ServerCommand, cluster: ClusterConfig) -> Launch:
+    if spec.nodes > 1:
+        raise ServegenError(
+            f"cluster '{cluster.name}' runs on this one machine; --server_nodes {spec.nodes} needs a Slurm cluster"
+        )
+    env = server_env(command, cluster)
+    image = cluster.container_for(spec.server_type)
+    inner = ["bash", "-c", command.script]
+    if command.tasks_per_node > 1:
+        inner = ["mpirun", "--allow-run-as-root", "--oversubscribe", "-np", str(command.tasks_per_node), *inner]
+    if image is None:
+        return Launch(argv=inner, env=env, our_python_first=True)
+    argv = ["docker", "run", "--rm", "--init", "--network=host", "--ipc=host"]
+    if spec.gpus > 0:
+        argv.append("--gpus=all")
+    for mount in cluster.mounts:
+        argv += ["-v", mount.spec()]
+    for name in env:
+        argv += ["-e", name]  # by name: the value comes from docker's own environment, never the argv
+    return Launch(argv=[*argv, image, *inner], env=env)
+
+
+def srun_launch(spec: ServerSpec, command: ServerCommand, cluster: ClusterConfig) -> Launch:
+    """The srun step that starts the server on every node of the job's allocation."""
+    env = server_env(command, cluster)
+    tasks = command.tasks_per_node
+    argv = [
+        "srun",
+        "--overlap",
+        f"--nodes={spec.nodes}",
+        f"--ntasks={spec.nodes * tasks}",
+        f"--ntasks-per-node={tasks}",
+        "--kill-on-bad-exit=1",
+        *cluster.srun_args,
+    ]
+    image = cluster.container_for(spec.server_type)
+    if image is not None:
+        argv.append(f"--container-image={image}")
+        if cluster.mounts:
+            argv.append("--container-mounts=" + ",".join(m.spec() for m in cluster.mounts))
+        argv.append("--no-container-mount-home")
+    # Each task learns its node rank from Slurm; the head's address comes from the job body.
+    script = 'export SERVEGEN_NODE_RANK="$SLURM_NODEID"\n' + command.script
+    return Launch(argv=[*argv, "bash", "-c", script], env=env)

@@ -1,0 +1,13 @@
+"""Errors a user can fix. The command line prints them as one line, never a traceback."""
+
+
+class ServegenError(Exception):
+    """A mistake in what the user gave us (flags, configs, data) or a failure they must act on."""
+
+
+class ConfigError(ServegenError):
+    """A cluster config or job config that cannot be used; the message names the file and the key."""
+
+
+class ServerError(ServegenError):
+    """A model server that died, never became ready, or could not be started."""

@@ -1,0 +1,72 @@
+"""What the command-line entry points share: server flags, one-line errors, signal handling."""
+
+import argparse
+import contextlib
+import signal
+import sys
+
+from servegen.errors import ServegenError
+from servegen.server import SERVER_TYPES
+from servegen.server.command import ServerSpec, split_args
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP arrived: stop what we started, then exit."""
+
+
+def add_server_flags(parser: argparse.ArgumentParser, required: bool) -> None:
+    parser.add_argument("--model", required=required, help="model folder (or name the engine understands)")
+    parser.add_argument("--server_type", required=required, choices=SERVER_TYPES, help="inference engine")
+    parser.add_argument(
+        "--server_gpus", type=int, required=required, help="GPUs per node the server uses (0: CPU, vllm and hf only)"
+    )
+    parser.add_argument("--server_nodes", type=int, default=1, help="nodes the server spans (default: 1)")
+    parser.add_argument("--server_args", default="", help="extra engine flags, appended last so they win")
+    parser.add_argument("--server_port", type=int, help="port to listen on (default: a free one)")
+    parser.add_argument(
+        "--server_host",
+        help="address to listen on (default: 127.0.0.1 locally, 0.0.0.0 on Slurm so other nodes reach it)",
+    )
+
+
+def server_spec_from_flags(args: argparse.Namespace, host: str, port: int) -> ServerSpec:
+    return ServerSpec(
+        server_type=args.server_type,
+        model=args.model,
+        gpus=args.server_gpus,
+        nodes=args.server_nodes,
+        port=port,
+        host=host,
+        args=split_args(args.server_args),
+    )
+
+
+def run_main(body, argv: list[str] | None) -> int:
+    """Run a command body; user mistakes become one `error:` line and exit code 2."""
+    try:
+        return body(argv)
+    except ServegenError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("servegen: stopped", file=sys.stderr)
+        return 130
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Turn the first SIGINT/SIGTERM/SIGHUP into Interrupted; ignore repeats while we clean up."""
+    received = []
+
+    def handler(signum, frame):
+        if not received:
+            received.append(signum)
+            raise Interrupted(signal.Signals(signum).name)
+
+    names = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, handler) for s in names}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)

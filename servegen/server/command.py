@@ -1,0 +1,76 @@
+"""What every engine module turns a server request into: one shell command per task, its
+environment, how many tasks a node runs, and how to tell the server is ready.
+
+Multi-node commands read three variables the cluster layer sets on every task:
+SERVEGEN_NODE_RANK (0 on the head node), SERVEGEN_NUM_NODES and SERVEGEN_HEAD_HOST (the address
+of the head node). Engines that run one process per GPU (MPI, torch.distributed) say so with
+tasks_per_node; the cluster layer then starts that many tasks (mpirun locally, srun on Slurm).
+"""
+
+import shlex
+from dataclasses import dataclass, field
+
+from servegen.errors import ServegenError
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """A model server as the user asked for it."""
+
+    server_type: str
+    model: str
+    gpus: int  # per node; 0 means CPU
+    nodes: int = 1
+    port: int = 5000
+    host: str = "127.0.0.1"  # the address the server listens on
+    args: tuple[str, ...] = ()  # extra engine flags, appended last so they win
+
+    def __post_init__(self):
+        if self.gpus < 0:
+            raise ServegenError(f"--server_gpus must be 0 or more, got {self.gpus}")
+        if self.nodes < 1:
+            raise ServegenError(f"--server_nodes must be 1 or more, got {self.nodes}")
+        if not 0 < self.port < 65536:
+            raise ServegenError(f"--server_port must be between 1 and 65535, got {self.port}")
+
+
+@dataclass(frozen=True)
+class ServerCommand:
+    script: str  # bash, run once per task
+    env: dict[str, str] = field(default_factory=dict)  # defaults; the caller's environment wins
+    tasks_per_node: int = 1
+    health_path: str = "/health"
+    health_method: str = "GET"
+    health_body: str | None = None  # JSON body for probes that must send a request
+
+
+def split_args(server_args: str | None) -> tuple[str, ...]:
+    """--server_args as the shell would split it."""
+    try:
+        return tuple(shlex.split(server_args or ""))
+    except ValueError as e:
+        raise ServegenError(f"--server_args cannot be parsed ({e}): {server_args!r}") from None
+
+
+def has_flag(args: tuple[str, ...], *names: str) -> bool:
+    """Whether the user's extra args already set a flag (as `--flag value` or `--flag=value`)."""
+    return any(a == n or a.startswith(n + "=") for a in args for n in names)
+
+
+def with_defaults(args: tuple[str, ...], defaults: list[tuple[str, ...]]) -> list[str]:
+    """Default flags the user did not set themselves; each default is (flag, *values)."""
+    out: list[str] = []
+    for flag, *values in defaults:
+        if not has_flag(args, flag):
+            out += [flag, *values]
+    return out
+
+
+def join(argv: list[str]) -> str:
+    """A shell command line; $VARS that the cluster layer sets stay unquoted."""
+    return " ".join(a if a.startswith("$SERVEGEN_") or a.startswith('"$SERVEGEN_') else shlex.quote(a) for a in argv)
+
+
+def by_node_rank(head: str, worker: str) -> str:
+    """A script that runs `head` on node 0 and `worker` on every other node."""
+    return f'if [ "$SERVEGEN_NODE_RANK" = 0 ]; then\n    {head}\nelse\n    {worker}\nfi'

