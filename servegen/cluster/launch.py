@@ -22,8 +22,9 @@ class Launch:
     def shell(self) -> str:
         """The launch as one shell command a user could paste."""
         assigns = [f"{k}={shlex.quote(v)}" for k, v in self.env.items()]
-        if self.argv[:2] == ["bash", "-c"] and "\n" not in self.argv[2]:
-            return " ".join(assigns + [self.argv[2]])  # a single command needs no bash -c around it
+        script = self.argv[2] if self.argv[:2] == ["bash", "-c"] else None
+        if script is not None and "\n" not in script and "$" not in script:
+            return " ".join(assigns + [script])  # a single command needs no bash -c around it
         return " ".join(assigns + [shlex.quote(a) for a in self.argv])
 
     def full_env(self) -> dict[str, str]:
@@ -73,8 +74,10 @@ def srun_launch(spec: ServerSpec, command: ServerCommand, cluster: ClusterConfig
         f"--ntasks={spec.nodes * tasks}",
         f"--ntasks-per-node={tasks}",
         "--kill-on-bad-exit=1",
-        *cluster.srun_args,
     ]
+    if command.mpi and not any(a.startswith("--mpi") for a in cluster.srun_args):
+        argv.append("--mpi=pmix")
+    argv += cluster.srun_args
     image = cluster.container_for(spec.server_type)
     if image is not None:
         argv.append(f"--container-image={image}")

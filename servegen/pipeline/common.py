@@ -30,6 +30,12 @@ def add_server_flags(parser: argparse.ArgumentParser, required: bool) -> None:
 
 
 def server_spec_from_flags(args: argparse.Namespace, host: str, port: int) -> ServerSpec:
+    extra = split_args(args.server_args)
+    # the readiness probe and the printed address must agree with where the server listens
+    for a in extra:
+        for name, flag in (("port", "--server_port"), ("host", "--server_host")):
+            if a in (f"--{name}", f"-{name}") or a.startswith((f"--{name}=", f"{name}=")):
+                raise ServegenError(f"--server_args must not set the {name}; use {flag}")
     return ServerSpec(
         server_type=args.server_type,
         model=args.model,
@@ -37,7 +43,7 @@ def server_spec_from_flags(args: argparse.Namespace, host: str, port: int) -> Se
         nodes=args.server_nodes,
         port=port,
         host=host,
-        args=split_args(args.server_args),
+        args=extra,
     )
 
 

@@ -52,13 +52,10 @@ def _start(argv: list[str] | None) -> int:
         return start_server_on_slurm(args, cluster)
 
     host = args.server_host or "127.0.0.1"
-    if args.server_port is None:
-        port = free_port(host)
-    else:
-        port = args.server_port
-        if not args.dry_run:
-            _check_port_free(host, port)
-    spec = server_spec_from_flags(args, host=host, port=port)
+    spec = server_spec_from_flags(args, host=host, port=args.server_port or free_port(host))
+    port = spec.port
+    if args.server_port is not None and not args.dry_run:
+        _check_port_free(host, port)
     command = build_server_command(spec)
     launch = local_launch(spec, command, cluster)
     health_url = f"http://{_connect_host(host)}:{port}{command.health_path}"

@@ -39,6 +39,7 @@ class ServerCommand:
     script: str  # bash, run once per task
     env: dict[str, str] = field(default_factory=dict)  # defaults; the caller's environment wins
     tasks_per_node: int = 1
+    mpi: bool = False  # the tasks are MPI ranks: srun wires them up with --mpi=pmix
     health_path: str = "/health"
     health_method: str = "GET"
     health_body: str | None = None  # JSON body for probes that must send a request
@@ -74,3 +75,47 @@ def join(argv: list[str]) -> str:
 def by_node_rank(head: str, worker: str) -> str:
     """A script that runs `head` on node 0 and `worker` on every other node."""
     return f'if [ "$SERVEGEN_NODE_RANK" = 0 ]; then\n    {head}\nelse\n    {worker}\nfi'
+
+
+def flag_value(args: tuple[str, ...], *names: str) -> str | None:
+    """The value the user's extra args give a flag (`--flag value` or `--flag=value`, Hydra's
+    `key=value` too), the last one winning as in argparse; None if they do not set it."""
+    value = None
+    for i, a in enumerate(args):
+        for n in names:
+            if a == n and i + 1 < len(args):
+                value = args[i + 1]
+            elif a.startswith(n + "="):
+                value = a[len(n) + 1 :]
+    return value
+
+
+def parallel_sizes(
+    spec: ServerSpec, tp_flags: tuple[str, ...], pp_flags: tuple[str, ...], default_pp: int
+) -> tuple[int, int]:
+    """(tensor, pipeline) parallel sizes that use all spec.gpus x spec.nodes GPUs: default_pp stages
+    unless the user's args set a size, the other size then following from the total."""
+    total = spec.gpus * spec.nodes
+    asked = f"the {total} GPUs asked for (--server_gpus {spec.gpus} x --server_nodes {spec.nodes})"
+    tp, pp = _int_flag(spec.args, tp_flags), _int_flag(spec.args, pp_flags)
+    if tp is not None and pp is not None:
+        if tp * pp != total:
+            raise ServegenError(
+                f"{tp_flags[0]} {tp} x {pp_flags[0]} {pp} does not use {asked}; make their product {total}"
+            )
+        return tp, pp
+    if tp is None and pp is None:
+        pp = default_pp
+    given, flag = (tp, tp_flags[0]) if tp is not None else (pp, pp_flags[0])
+    if total % given:
+        raise ServegenError(f"{flag} {given} does not divide {asked}")
+    return (given, total // given) if tp is not None else (total // given, given)
+
+
+def _int_flag(args: tuple[str, ...], names: tuple[str, ...]) -> int | None:
+    value = flag_value(args, *names)
+    if value is None:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ServegenError(f"{names[0]} must be a whole number of 1 or more, got {value!r}")
+    return int(value)

@@ -3,6 +3,7 @@ answers its readiness probe (or dies, or runs past a deadline), and stopped with
 started."""
 
 import collections
+import ctypes
 import os
 import signal
 import socket
@@ -19,6 +20,13 @@ from servegen.errors import ServerError
 DEFAULT_READY_TIMEOUT_S = 30 * 60  # big models on shared filesystems load slowly
 STOP_GRACE_S = 20.0
 LOG_TAIL_LINES = 50
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when the process that started us dies, even by kill -9,
+    so that no server outlives the job that owns it. (Linux; it follows the starting thread.)"""
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -70,6 +78,7 @@ class ServerProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
+                preexec_fn=_die_with_parent,
             )
         return self
 

@@ -10,9 +10,19 @@ import os
 import shlex
 
 from servegen.errors import ServegenError
-from servegen.server.command import ServerCommand, ServerSpec, by_node_rank, join, with_defaults
+from servegen.server.command import (
+    ServerCommand,
+    ServerSpec,
+    by_node_rank,
+    has_flag,
+    join,
+    parallel_sizes,
+    with_defaults,
+)
 
 RAY_PORT = 6379
+TP_FLAGS = ("--tensor-parallel-size", "-tp")
+PP_FLAGS = ("--pipeline-parallel-size", "-pp")
 # The CPU build's console script is broken (it looks for the distribution "vllm"); the module works.
 ENTRYPOINT = ["python3", "-m", "vllm.entrypoints.openai.api_server"]
 
@@ -39,14 +49,15 @@ def build_command(spec: ServerSpec) -> ServerCommand:
         )
         return ServerCommand(script=join(argv + list(spec.args)), env=env)
 
-    argv += with_defaults(spec.args, [("--tensor-parallel-size", str(spec.gpus))])
+    tp, pp = parallel_sizes(spec, TP_FLAGS, PP_FLAGS, default_pp=spec.nodes)
+    if not has_flag(spec.args, *TP_FLAGS):
+        argv += ["--tensor-parallel-size", str(tp)]
+    if pp > 1 and not has_flag(spec.args, *PP_FLAGS):
+        argv += ["--pipeline-parallel-size", str(pp)]
     if spec.nodes == 1:
         return ServerCommand(script=join(argv + list(spec.args)), env=env)
 
-    argv += with_defaults(
-        spec.args,
-        [("--pipeline-parallel-size", str(spec.nodes)), ("--distributed-executor-backend", "ray")],
-    )
+    argv += with_defaults(spec.args, [("--distributed-executor-backend", "ray")])
     head = " && ".join(
         [
             f"ray start --head --port={RAY_PORT} --num-gpus={spec.gpus} --disable-usage-stats",
@@ -64,7 +75,7 @@ def build_command(spec: ServerSpec) -> ServerCommand:
 def _wait_for_ray_nodes(nodes: int) -> str:
     """A shell loop that returns once `nodes` Ray nodes are alive."""
     check = (
-        "import ray, sys; ray.init(address='auto', logging_level='ERROR'); "
-        f"sys.exit(sum(n['Alive'] for n in ray.nodes()) < {nodes})"
+        'import ray, sys; ray.init(address="auto", logging_level="ERROR"); '
+        f'sys.exit(sum(n["Alive"] for n in ray.nodes()) < {nodes})'
     )
     return f"until python3 -c {shlex.quote(check)}; do sleep 5; done"

@@ -39,6 +39,17 @@ def alive(pid: int) -> bool:
         return False
 
 
+def wait_for_children(pid: int, name: str, timeout_s: float = 30) -> list[int]:
+    """The pids under `pid` once a process called `name` is among them (busy machines are slow)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        children = psutil.Process(pid).children(recursive=True)
+        if any(c.name() == name for c in children):
+            return [c.pid for c in children]
+        time.sleep(0.05)
+    raise AssertionError(f"no {name} under pid {pid} after {timeout_s} s")
+
+
 def make_server(tmp_path, script: str, port: int, **kw) -> ServerProcess:
     (tmp_path / "server.py").write_text(SLOW_SERVER)
     return ServerProcess(
@@ -95,8 +106,7 @@ def test_deadline_stops_the_server(tmp_path):
 def test_sigterm_ignored_then_sigkill(tmp_path):
     server = make_server(tmp_path, "trap '' TERM; sleep 1000 & wait; wait", free_port())
     server.start()
-    time.sleep(0.5)
-    children = [c.pid for c in psutil.Process(server.pid).children(recursive=True)]
+    children = wait_for_children(server.pid, "sleep")
     started = time.monotonic()
     server.stop(grace_s=1.0)
     assert 0.9 <= time.monotonic() - started < 10
@@ -106,9 +116,8 @@ def test_sigterm_ignored_then_sigkill(tmp_path):
 def test_descendant_in_its_own_session_is_stopped_too(tmp_path):
     server = make_server(tmp_path, "setsid sleep 1000 & wait", free_port())
     server.start()
-    time.sleep(0.5)
-    children = [c.pid for c in psutil.Process(server.pid).children(recursive=True)]
-    assert children and any(os.getsid(c) != os.getsid(server.pid) for c in children)
+    children = wait_for_children(server.pid, "sleep")
+    assert any(os.getsid(c) != os.getsid(server.pid) for c in children)
     server.stop(grace_s=2.0)
     assert not any(alive(c) for c in children)
 
@@ -120,3 +129,30 @@ def test_stop_before_start_and_twice(tmp_path):
     server.stop()
     server.stop()
     assert server.proc.returncode == -signal.SIGTERM
+
+
+def test_server_dies_with_its_owner_even_on_kill_9(tmp_path):
+    port = free_port()
+    (tmp_path / "server.py").write_text(SLOW_SERVER)
+    owner_code = textwrap.dedent(
+        f"""
+        import os, sys, time
+        from servegen.server.process import ServerProcess
+        s = ServerProcess([sys.executable, "{tmp_path}/server.py", "{port}", "0"], dict(os.environ),
+                          "{tmp_path}/owner.log", "http://127.0.0.1:{port}/health").start()
+        s.wait_ready(60, 0.1)
+        print(s.pid, flush=True)
+        time.sleep(1000)
+        """
+    )
+    import subprocess
+
+    owner = subprocess.Popen([sys.executable, "-c", owner_code], stdout=subprocess.PIPE, text=True)
+    server_pid = int(owner.stdout.readline())
+    assert alive(server_pid)
+    owner.kill()
+    owner.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and alive(server_pid):
+        time.sleep(0.1)
+    assert not alive(server_pid)

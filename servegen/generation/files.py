@@ -1,0 +1,171 @@
+"""The files of a generation job: the input streamed row by row with line numbers, the output
+written in input order and flushed row by row, resume from what a killed run left, chunk merge.
+
+While a job runs, its output file holds a contiguous prefix of the finished rows in input order.
+A row that finishes before an earlier one goes to a side file (`<output>.unordered`) at once and
+moves into the output when the rows before it are done; so a crash loses only the requests in
+flight, and a resume knows exactly which rows are done: the output's prefix plus the side file.
+"""
+
+import fcntl
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from servegen.errors import ServegenError
+
+INDEX_KEY = "_servegen_row"  # the row's position, in side-file records only
+
+
+def done_marker(path: Path) -> Path:
+    return path.with_name(path.name + ".done")
+
+
+def count_rows(path: Path) -> int:
+    """Rows in a JSONL file (blank lines do not count), without parsing them."""
+    rows = 0
+    with open(path, "rb") as f:
+        for line in f:
+            if line.strip():
+                rows += 1
+    return rows
+
+
+def read_rows(path: Path, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, int, dict]]:
+    """(row index, line number, row) for rows start..stop-1; a bad line is an error naming it."""
+    index = -1
+    with open(path, "rb") as f:
+        for line_number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            index += 1
+            if index < start:
+                continue
+            if stop is not None and index >= stop:
+                return
+            yield index, line_number, parse_row(raw, path, line_number)
+
+
+def parse_row(raw: bytes, path: Path, line_number: int) -> dict:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ServegenError(f"{path}:{line_number}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ServegenError(f"{path}:{line_number}: not valid JSON: {e.msg} at column {e.colno}") from None
+    if not isinstance(row, dict):
+        raise ServegenError(f"{path}:{line_number}: a row must be a JSON object, got {type(row).__name__}")
+    return row
+
+
+def _complete_lines(path: Path) -> Iterator[bytes]:
+    """The newline-terminated lines of a file, after cutting off a half-written last line."""
+    if not path.exists():
+        return
+    with open(path, "rb+") as f:
+        end = f.seek(0, os.SEEK_END)
+        good = end
+        while good > 0:  # walk back to the last newline
+            start = max(0, good - (1 << 16))
+            f.seek(start)
+            block = f.read(good - start)
+            cut = block.rfind(b"\n")
+            if cut >= 0:
+                good = start + cut + 1
+                break
+            good = start
+        if good != end:
+            f.truncate(good)
+        f.seek(0)
+        yield from f
+
+
+class OrderedWriter:
+    """Writes finished rows of one output file in input order; see the module docstring."""
+
+    def __init__(self, path: Path, first_index: int = 0):
+        self.path = Path(path)
+        self.side_path = self.path.with_name(self.path.name + ".unordered")
+        self.first_index = first_index
+        self.next_index = first_index
+        self.waiting: dict[int, str] = {}  # finished rows not yet in the output, serialized
+        self.out = None
+        self.side = None
+
+    def resume(self) -> int:
+        """Open the files, keeping what an earlier run finished; how many rows it finished."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        for _ in _complete_lines(self.path):
+            self.next_index += 1
+        for line in _complete_lines(self.side_path):
+            record = json.loads(line)
+            index = record.pop(INDEX_KEY)
+            if index >= self.next_index:
+                self.waiting[index] = json.dumps(record, ensure_ascii=False)
+        self.out = open(self.path, "a", encoding="utf-8")
+        self.side = open(self.side_path, "a", encoding="utf-8")
+        self._drain()
+        return self.next_index - self.first_index + len(self.waiting)
+
+    def is_done(self, index: int) -> bool:
+        return index < self.next_index or index in self.waiting
+
+    def add(self, index: int, row: dict) -> None:
+        line = json.dumps(row, ensure_ascii=False)
+        if index == self.next_index:
+            self.out.write(line + "\n")
+            self.next_index += 1
+            self._drain()
+            self.out.flush()
+        else:
+            self.side.write(json.dumps({INDEX_KEY: index, **row}, ensure_ascii=False) + "\n")
+            self.side.flush()
+            self.waiting[index] = line
+
+    def _drain(self) -> None:
+        while self.next_index in self.waiting:
+            self.out.write(self.waiting.pop(self.next_index) + "\n")
+            self.next_index += 1
+        self.out.flush()
+
+    def close(self, complete: bool) -> None:
+        """Close the files; when every row is in the output, drop the side file and mark it done."""
+        for f in (self.out, self.side):
+            if f is not None:
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+        if complete:
+            if self.waiting:
+                raise RuntimeError(f"rows {sorted(self.waiting)[:5]} finished but never reached {self.path}")
+            self.side_path.unlink(missing_ok=True)
+            done_marker(self.path).write_text("")
+
+
+def merge_chunks(final: Path, parts: list[Path]) -> bool:
+    """Concatenate finished chunk files into `final` once all are done; True if this call did it.
+
+    Every chunk calls this when it finishes; a file lock makes exactly one of them merge."""
+    lock_path = final.with_name(f".{final.name}.merge-lock")
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if done_marker(final).exists() or not all(done_marker(p).exists() for p in parts):
+            return False
+        tmp = final.with_name(final.name + ".merging")
+        with open(tmp, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as f:
+                    while block := f.read(1 << 20):
+                        out.write(block)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, final)
+        done_marker(final).write_text("")
+        for part in parts:
+            part.unlink()
+            done_marker(part).unlink()
+    lock_path.unlink(missing_ok=True)
+    return True

@@ -1,0 +1,102 @@
+"""NeMo's and Megatron-LM's text generation servers (REST, not OpenAI-compatible: PUT a JSON body).
+
+NeMo: `megatron_gpt_eval.py ... server=True` from NeMo's examples/nlp/language_modeling (the
+Megatron GPT inference script of the NeMo 1.x/2.x NLP collection; Hydra overrides, config
+conf/megatron_gpt_inference.yaml) serving a .nemo file or folder. PyTorch Lightning runs one
+process per GPU: one task per GPU (Slurm's tasks under srun, MPI's under mpirun, which needs
+mpi4py as NeMo's containers have it). Tensor parallel = GPUs per node, pipeline parallel = nodes,
+as servegen's vLLM command does. Readiness: PUT /generate of a one-token request.
+
+Megatron-LM: tools/run_text_generation_server.py launched by torchrun, as Megatron-LM's
+examples/inference/run_text_generation_server_*.sh do (torchrun starts one process per GPU, and
+its --nnodes/--node_rank/--master_addr join the nodes), so one task per node. The architecture
+comes from the checkpoint (--use-checkpoint-args); tokenizer flags (--tokenizer-type,
+--tokenizer-model, ...) come from the user's --server_args. Readiness: PUT /api of a one-token
+request.
+
+Both scripts listen on 0.0.0.0 whatever --server_host says (they have no host setting) and are
+looked up where NVIDIA's containers keep them, $SERVEGEN_NEMO_DIR=/opt/NeMo and
+$SERVEGEN_MEGATRON_DIR=/opt/Megatron-LM unless set otherwise. GPU only. Neither was run here
+(no GPU on these machines): golden-tested only.
+"""
+
+import json
+import re
+
+from servegen.errors import ServegenError
+from servegen.server.command import ServerCommand, ServerSpec, has_flag, join, parallel_sizes, with_defaults
+
+NEMO_SCRIPT = '"$SERVEGEN_NEMO_DIR"/examples/nlp/language_modeling/megatron_gpt_eval.py'
+MEGATRON_SCRIPT = '"$SERVEGEN_MEGATRON_DIR"/tools/run_text_generation_server.py'
+MASTER_PORT = 6000  # the torch.distributed port of Megatron-LM's examples
+# A path Hydra reads back as the same string without quotes.
+HYDRA_PLAIN = re.compile(r"[\w.:+@%/-]*/[\w.:+@%/-]*")
+
+
+def build_command(spec: ServerSpec) -> ServerCommand:
+    _need_gpus(spec)
+    tp_keys, pp_keys = _hydra_names("tensor_model_parallel_size"), _hydra_names("pipeline_model_parallel_size")
+    tp, pp = parallel_sizes(spec, tp_keys, pp_keys, spec.nodes)
+    overrides = [
+        ("gpt_model_file", _hydra_value(spec.model)),
+        ("trainer.devices", str(spec.gpus)),
+        ("trainer.num_nodes", str(spec.nodes)),
+        ("tensor_model_parallel_size", str(tp)),
+        ("pipeline_model_parallel_size", str(pp)),
+        ("server", "True"),
+        ("port", str(spec.port)),
+    ]
+    argv = ["python3", NEMO_SCRIPT]
+    argv += [f"{key}={value}" for key, value in overrides if not has_flag(spec.args, *_hydra_names(key))]
+    return ServerCommand(
+        script=join(argv + list(spec.args)),
+        env={"SERVEGEN_NEMO_DIR": "/opt/NeMo"},
+        tasks_per_node=spec.gpus,
+        health_path="/generate",
+        health_method="PUT",
+        health_body=json.dumps({"sentences": ["ping"], "tokens_to_generate": 1, "greedy": True}),
+    )
+
+
+def build_megatron_command(spec: ServerSpec) -> ServerCommand:
+    _need_gpus(spec)
+    tp_flags, pp_flags = ("--tensor-model-parallel-size",), ("--pipeline-model-parallel-size",)
+    tp, pp = parallel_sizes(spec, tp_flags, pp_flags, spec.nodes)
+    argv = ["torchrun", "--nproc_per_node", str(spec.gpus)]
+    if spec.nodes > 1:
+        argv += ["--nnodes", str(spec.nodes), "--node_rank", "$SERVEGEN_NODE_RANK"]
+        argv += ["--master_addr", "$SERVEGEN_HEAD_HOST", "--master_port", str(MASTER_PORT)]
+    argv += [MEGATRON_SCRIPT, "--load", spec.model, "--use-checkpoint-args"]
+    argv += [] if has_flag(spec.args, *tp_flags) else [tp_flags[0], str(tp)]
+    argv += [] if has_flag(spec.args, *pp_flags) else [pp_flags[0], str(pp)]
+    # Megatron's argument checks need a micro batch size even though nothing trains.
+    argv += with_defaults(spec.args, [("--micro-batch-size", "1"), ("--port", str(spec.port))])
+    return ServerCommand(
+        script=join(argv + list(spec.args)),
+        env={"SERVEGEN_MEGATRON_DIR": "/opt/Megatron-LM", "CUDA_DEVICE_MAX_CONNECTIONS": "1"},
+        health_path="/api",
+        health_method="PUT",
+        health_body=json.dumps({"prompts": ["ping"], "tokens_to_generate": 1}),
+    )
+
+
+def _need_gpus(spec: ServerSpec) -> None:
+    if spec.gpus == 0:
+        raise ServegenError(
+            f"{spec.server_type} needs GPUs (--server_gpus 1 or more); use --server_type vllm or hf on CPU"
+        )
+
+
+def _hydra_names(key: str) -> tuple[str, ...]:
+    """A Hydra key as the user may override it: key=v, +key=v (add) or ++key=v (add or override)."""
+    return key, "+" + key, "++" + key
+
+
+def _hydra_value(value: str) -> str:
+    """A string as a Hydra override value: plain paths as they are, anything else single-quoted,
+    escaping quotes and the backslashes before a quote or at the end (Hydra 1.1+ grammar)."""
+    if HYDRA_PLAIN.fullmatch(value):
+        return value
+    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
+    escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
+    return f"'{escaped}'"

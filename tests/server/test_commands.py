@@ -1,0 +1,277 @@
+"""Every engine's command, checked three ways: against golden files (read against each engine's
+documentation; see docs/servers.md), by bash itself (syntax, and the argv an engine would receive
+when the script runs with stub executables), and for the errors and overrides users meet."""
+
+import json
+import shlex
+import subprocess
+from pathlib import Path
+
+import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+
+from servegen.errors import ServegenError
+from servegen.server import SERVER_TYPES, build_server_command
+from servegen.server.command import ServerSpec
+
+MODEL = "/models/llama"  # no such folder here, so nothing depends on this machine
+SHAPES = [(1, 1), (1, 8), (2, 1), (2, 8), (1, 0)]  # (nodes, GPUs per node); 0 GPUs = CPU
+ENGINE_EXECUTABLES = ("python3", "ray", "transformers", "trtllm-serve", "trtllm-llmapi-launch", "torchrun")
+ODD_MODEL = """/models/my "odd" model's dir $HOME;`x`"""
+ODD_ARG = "a b'c \"d\" $HOME"
+
+
+def spec(server_type: str, nodes: int = 1, gpus: int = 1, model: str = MODEL, args: tuple[str, ...] = ()) -> ServerSpec:
+    return ServerSpec(server_type=server_type, model=model, gpus=gpus, nodes=nodes, args=args)
+
+
+def render(s: ServerSpec) -> str:
+    """A ServerCommand as a reviewer reads it; an impossible request as its error line."""
+    head = f"# {s.server_type}: {s.nodes} node(s) x {s.gpus} GPU(s), model {s.model}, {s.host}:{s.port}\n"
+    try:
+        c = build_server_command(s)
+    except ServegenError as e:
+        return head + f"error: {e}\n"
+    env = "".join(f"  {k}={v}\n" for k, v in c.env.items()) or "  (none)\n"
+    return (
+        head
+        + f"tasks_per_node: {c.tasks_per_node}" + (" (MPI ranks)" if c.mpi else "") + "\n"
+        + f"probe: {c.health_method} {c.health_path}"
+        + (f" {c.health_body}" if c.health_body is not None else "")
+        + f"\nenv:\n{env}script:\n{c.script}\n"
+    )
+
+
+@pytest.mark.parametrize("server_type", SERVER_TYPES)
+@pytest.mark.parametrize("nodes,gpus", SHAPES)
+def test_golden(golden, server_type, nodes, gpus):
+    golden(f"{server_type}-{nodes}n-{gpus}g.txt", render(spec(server_type, nodes, gpus)))
+
+
+def test_golden_files_are_all_in_use():
+    wanted = {f"{t}-{n}n-{g}g.txt" for t in SERVER_TYPES for n, g in SHAPES}
+    present = {p.name for p in (Path(__file__).parent / "golden").glob("*.txt")}
+    assert present == wanted
+
+
+def valid_specs(**kw) -> list[ServerSpec]:
+    out = []
+    for t in SERVER_TYPES:
+        for n, g in SHAPES:
+            s = spec(t, n, g, **kw)
+            try:
+                build_server_command(s)
+            except ServegenError:
+                continue
+            out.append(s)
+    return out
+
+
+def test_every_engine_has_valid_shapes():
+    specs = valid_specs()
+    assert {s.server_type for s in specs} == set(SERVER_TYPES)
+    assert sum(s.nodes > 1 for s in specs) == 5 * 2  # all but hf run on 2 nodes, with 1 and 8 GPUs
+
+
+@pytest.mark.parametrize("s", valid_specs(), ids=lambda s: f"{s.server_type}-{s.nodes}n-{s.gpus}g")
+def test_script_is_valid_bash(s):
+    script = build_server_command(s).script
+    result = subprocess.run(["bash", "-n", "-c", script], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+# --- running the scripts with stub engines: what argv each engine really gets ---
+
+STUB = """#!/bin/bash
+{ printf '%s' "${0##*/}"; for a in "$@"; do printf '\\x1f%s' "$a"; done; printf '\\n'; } >> "$STUB_LOG"
+"""
+
+
+@pytest.fixture
+def run_script(tmp_path):
+    """Run a ServerCommand's script as node `rank` would, with every engine executable replaced by
+    a stub that logs its argv; returns the logged calls, each a list [name, *args]."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name in ENGINE_EXECUTABLES:
+        (bin_dir / name).write_text(STUB)
+        (bin_dir / name).chmod(0o755)
+
+    def run(s: ServerSpec, rank: int = 0, **extra_env: str) -> list[list[str]]:
+        command = build_server_command(s)
+        log = tmp_path / f"calls-{rank}.log"
+        log.unlink(missing_ok=True)
+        env = {
+            **command.env,
+            "PATH": f"{bin_dir}:/usr/bin:/bin",
+            "HOME": "/home/nobody",
+            "STUB_LOG": str(log),
+            "SERVEGEN_NODE_RANK": str(rank),
+            "SERVEGEN_NUM_NODES": str(s.nodes),
+            "SERVEGEN_HEAD_HOST": "head-node",
+            **extra_env,
+        }
+        result = subprocess.run(["bash", "-c", command.script], env=env, capture_output=True, text=True, timeout=30)
+        assert result.returncode == 0, result.stderr
+        return [line.split("\x1f") for line in log.read_text().splitlines()]
+
+    return run
+
+
+def engine_call(calls: list[list[str]]) -> list[str]:
+    """The last call: the engine's own (vLLM's head runs `ray start` and a wait loop first)."""
+    assert calls, "the script ran no engine"
+    return calls[-1]
+
+
+@pytest.mark.parametrize(
+    "s",
+    [s for s in valid_specs(model=ODD_MODEL) if not (s.server_type == "trtllm" and s.gpus * s.nodes > 1)],
+    ids=lambda s: f"{s.server_type}-{s.nodes}n-{s.gpus}g",
+)
+def test_odd_model_path_and_user_args_reach_the_engine_intact(run_script, s):
+    extra = ("+servegen_note=x",) if s.server_type == "nemo" else ("--servegen-note",)
+    s = ServerSpec(s.server_type, s.model, s.gpus, s.nodes, args=(*extra, ODD_ARG))
+    ranks = [0] if s.server_type == "vllm" else range(s.nodes)  # vLLM's other nodes only join Ray
+    for rank in ranks:
+        argv = engine_call(run_script(s, rank))
+        assert argv[-2:] == [*extra[-1:], ODD_ARG]  # user args come last, untouched
+        if s.server_type == "nemo":
+            value = next(a for a in argv if a.startswith("gpt_model_file="))
+            assert OverridesParser.create().parse_override(value).value() == ODD_MODEL
+        else:
+            assert ODD_MODEL in argv
+
+
+def test_sglang_nodes_join_the_head(run_script):
+    for rank in (0, 1):
+        argv = engine_call(run_script(spec("sglang", 2, 8), rank))
+        assert argv[:3] == ["python3", "-m", "sglang.launch_server"]
+        assert argv[argv.index("--node-rank") + 1] == str(rank)
+        assert argv[argv.index("--dist-init-addr") + 1] == "head-node:20000"
+        assert argv[argv.index("--nnodes") + 1] == "2"
+        assert argv[argv.index("--tp-size") + 1] == "16"
+
+
+def test_megatron_torchrun_joins_the_head_and_finds_the_script(run_script):
+    for rank in (0, 1):
+        argv = engine_call(run_script(spec("megatron", 2, 8), rank))
+        assert argv[0] == "torchrun"
+        assert argv[argv.index("--node_rank") + 1] == str(rank)
+        assert argv[argv.index("--master_addr") + 1] == "head-node"
+        assert "/opt/Megatron-LM/tools/run_text_generation_server.py" in argv
+
+
+def test_nemo_finds_its_script(run_script):
+    argv = engine_call(run_script(spec("nemo", 2, 8), 1))
+    assert argv[:2] == ["python3", "/opt/NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py"]
+
+
+def test_vllm_head_and_worker(run_script):
+    head = run_script(spec("vllm", 2, 8), 0)
+    assert head[0][:3] == ["ray", "start", "--head"]
+    assert engine_call(head)[:3] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    worker = run_script(spec("vllm", 2, 8), 1)
+    assert worker == [["ray", "start", "--address=head-node:6379", "--num-gpus=8", "--disable-usage-stats", "--block"]]
+
+
+def test_trtllm_multi_gpu_runs_under_its_mpi_launcher(run_script):
+    argv = engine_call(run_script(spec("trtllm", 2, 8), 1))
+    assert argv[:3] == ["trtllm-llmapi-launch", "trtllm-serve", MODEL]
+    assert build_server_command(spec("trtllm", 2, 8)).tasks_per_node == 8
+    assert build_server_command(spec("trtllm", 1, 1)).script.startswith("trtllm-serve ")
+
+
+# --- the user's flags win ---
+
+
+def words(s: ServerSpec) -> list[str]:
+    return shlex.split(build_server_command(s).script)
+
+
+@pytest.mark.parametrize(
+    "s,present,absent",
+    [
+        (spec("vllm", 1, 8, args=("--tensor-parallel-size", "4")), ["--tensor-parallel-size", "4"], ["8"]),
+        (spec("vllm", 1, 0, args=("--dtype=bfloat16",)), ["--dtype=bfloat16"], ["float32"]),
+        (spec("sglang", 1, 8, args=("--tp", "4")), ["--pp-size", "2"], ["--tp-size"]),
+        (spec("sglang", 2, 8, args=("--dist-init-addr", "10.0.0.1:30000")), ["10.0.0.1:30000"],
+         ["$SERVEGEN_HEAD_HOST:20000"]),
+        (spec("trtllm", 2, 8, args=("--pp_size", "2")), ["--tp_size", "8"], ["16"]),
+        (spec("trtllm", 1, 1, args=("--backend", "tensorrt")), ["tensorrt"], ["pytorch"]),
+        (spec("nemo", 1, 8, args=("tensor_model_parallel_size=4",)), ["pipeline_model_parallel_size=2"],
+         ["tensor_model_parallel_size=8"]),
+        (spec("nemo", 1, 1, args=("++port=6000",)), ["++port=6000"], ["port=5000"]),
+        (spec("megatron", 1, 8, args=("--micro-batch-size=2", "--pipeline-model-parallel-size", "2")),
+         ["--tensor-model-parallel-size", "4"], ["--micro-batch-size"]),
+        (spec("hf", 1, 8, args=("--device", "cuda:1")), ["cuda:1"], ["auto"]),
+        (spec("hf", 1, 0, args=("--cb-max-memory-percent", "0.2")), ["0.2", "--continuous-batching"], ["0.05"]),
+        (spec("hf", 1, 0, args=("--continuous-batching",)), ["--cb-max-memory-percent", "0.05"], []),
+        (spec("hf", 1, 0, args=("--no-continuous-batching",)), ["--no-continuous-batching"],
+         ["--continuous-batching", "--cb-max-memory-percent"]),
+    ],
+    ids=lambda x: x.server_type if isinstance(x, ServerSpec) else None,
+)
+def test_user_args_replace_defaults(s, present, absent):
+    w = words(s)
+    assert w[-len(s.args):] == list(s.args)
+    for p in present:
+        assert p in w
+    for a in absent:
+        assert a not in w
+    # a default the user set appears once: theirs
+    for flag in s.args:
+        if flag.startswith("-") and "=" not in flag:
+            assert w.count(flag) == 1
+
+
+# --- impossible requests: one clear line ---
+
+
+@pytest.mark.parametrize(
+    "s,message",
+    [
+        (spec("sglang", 1, 0), "sglang needs GPUs"),
+        (spec("trtllm", 1, 0), "trtllm needs GPUs"),
+        (spec("nemo", 1, 0), "nemo needs GPUs"),
+        (spec("megatron", 2, 0), "megatron needs GPUs"),
+        (spec("hf", 2, 1), "runs on one node; use --server_nodes 1"),
+        (spec("hf", 2, 0), "runs on one node"),
+        (spec("vllm", 2, 0), "runs on one node"),
+        (spec("trtllm", 1, 8, args=("--tp_size", "3")), "--tp_size 3 does not divide the 8 GPUs asked for"),
+        (spec("sglang", 2, 8, args=("--pp-size", "3")), "--pp-size 3 does not divide the 16 GPUs"),
+        (spec("nemo", 1, 8, args=("tensor_model_parallel_size=2", "pipeline_model_parallel_size=2")),
+         "tensor_model_parallel_size 2 x pipeline_model_parallel_size 2 does not use the 8 GPUs"),
+        (spec("megatron", 1, 8, args=("--tensor-model-parallel-size", "eight")), "must be a whole number"),
+        (spec("trtllm", 1, 8, model="/models/my model"), "trtllm-llmapi-launch re-splits its command on spaces"),
+        (spec("trtllm", 2, 1, args=("--config", "/cfg/*.yml")), "'/cfg/*.yml' cannot reach trtllm-serve"),
+    ],
+    ids=lambda x: x.server_type if isinstance(x, ServerSpec) else None,
+)
+def test_impossible_requests_raise_one_line(s, message):
+    with pytest.raises(ServegenError) as e:
+        build_server_command(s)
+    assert message in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_trtllm_serves_a_built_engine_folder_with_the_tensorrt_backend(tmp_path):
+    assert "--backend pytorch" in build_server_command(spec("trtllm", model=str(tmp_path))).script
+    (tmp_path / "rank0.engine").write_bytes(b"")
+    assert "--backend tensorrt" in build_server_command(spec("trtllm", model=str(tmp_path))).script
+
+
+@pytest.mark.parametrize("server_type,body_key", [("nemo", "sentences"), ("megatron", "prompts")])
+def test_rest_probes_send_a_one_token_request(server_type, body_key):
+    c = build_server_command(spec(server_type))
+    body = json.loads(c.health_body)
+    assert c.health_method == "PUT"
+    assert body[body_key] == ["ping"] and body["tokens_to_generate"] == 1
+
+
+def test_script_locations_follow_the_environment(run_script):
+    assert build_server_command(spec("megatron")).env["SERVEGEN_MEGATRON_DIR"] == "/opt/Megatron-LM"
+    argv = engine_call(run_script(spec("megatron"), SERVEGEN_MEGATRON_DIR="/src/Megatron-LM"))
+    assert argv[3] == "/src/Megatron-LM/tools/run_text_generation_server.py"
+    argv = engine_call(run_script(spec("nemo"), SERVEGEN_NEMO_DIR="/src/NeMo"))
+    assert argv[1] == "/src/NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py"
