@@ -4,12 +4,16 @@ across the nodes, pyxis for containers)."""
 
 import os
 import shlex
+import subprocess
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 from servegen.cluster.config import ClusterConfig
 from servegen.errors import ServegenError
+from servegen.server import build_server_command
 from servegen.server.command import ServerCommand, ServerSpec
+from servegen.server.process import ServerProcess
 
 
 @dataclass(frozen=True)
@@ -87,3 +91,39 @@ def srun_launch(spec: ServerSpec, command: ServerCommand, cluster: ClusterConfig
     # Each task learns its node rank from Slurm; the head's address comes from the job body.
     script = 'export SERVEGEN_NODE_RANK="$SLURM_NODEID"\n' + command.script
     return Launch(argv=[*argv, "bash", "-c", script], env=env)
+
+
+def in_slurm_job() -> bool:
+    return "SLURM_JOB_ID" in os.environ
+
+
+def head_node_address() -> str:
+    """The address of the job's first node, as Slurm knows it (NodeAddr)."""
+    nodes = subprocess.run(
+        ["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]],
+        capture_output=True, text=True, check=True,
+    ).stdout.split()
+    info = subprocess.run(["scontrol", "show", "node", "-o", nodes[0]], capture_output=True, text=True, check=True)
+    fields = dict(f.split("=", 1) for f in info.stdout.split() if "=" in f)
+    return fields.get("NodeAddr", nodes[0])
+
+
+def start_server_here(spec: ServerSpec, cluster: ClusterConfig, log_path: Path, name: str) -> ServerProcess:
+    """Start a server from inside a job: across the allocation with srun inside Slurm, as a local
+    process (or docker container) elsewhere. The caller waits for it to be ready."""
+    command = build_server_command(spec)
+    if in_slurm_job():
+        launch = srun_launch(spec, command, cluster)
+        env = {
+            **launch.full_env(),
+            "SERVEGEN_NUM_NODES": str(spec.nodes),
+            "SERVEGEN_HEAD_HOST": head_node_address() if spec.nodes > 1 else "127.0.0.1",
+        }
+    else:
+        launch = local_launch(spec, command, cluster)
+        env = launch.full_env()
+    connect = "127.0.0.1" if spec.host in ("0.0.0.0", "") else spec.host
+    return ServerProcess(
+        launch.argv, env, log_path, f"http://{connect}:{spec.port}{command.health_path}",
+        health_method=command.health_method, health_body=command.health_body, name=name,
+    ).start()

@@ -22,7 +22,7 @@ STOP_GRACE_S = 20.0
 LOG_TAIL_LINES = 50
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child before exec: SIGTERM when the process that started us dies, even by kill -9,
     so that no server outlives the job that owns it. (Linux; it follows the starting thread.)"""
     PR_SET_PDEATHSIG = 1
@@ -78,7 +78,7 @@ class ServerProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
         return self
 

@@ -1,0 +1,95 @@
+"""Jobs: a command (the job body) and where to run it. The local executor runs each job as a
+child process of ours, one after the other; the Slurm executor (slurm.py) submits the same
+command with submitit, so a laptop run rehearses a cluster run faithfully."""
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import submitit
+
+from servegen.errors import ServegenError
+from servegen.server.process import die_with_parent
+
+STOP_GRACE_S = 60  # the body stops its server and closes its files on SIGTERM
+
+
+@dataclass
+class JobSpec:
+    """One job, or a job array with one command per task."""
+
+    name: str
+    commands: list[list[str]]
+    env: dict[str, str] = field(default_factory=dict)  # set on top of the submitter's environment
+    log_dir: Path = Path("servegen_logs")
+    nodes: int = 1
+    gpus_per_node: int = 0
+    partition: str | None = None
+    time_limit_min: int | None = None  # None: the cluster config's limit for the partition
+    time_min: str | None = None  # sbatch --time-min: Slurm may shorten the limit down to this
+    dependencies: list[str] = field(default_factory=list)  # job ids to run after (afterany)
+
+
+class JobCommand(submitit.helpers.Checkpointable):
+    """A command as a submitit job: run on the job's first node; on timeout or preemption
+    submitit calls checkpoint(), which stops the command, and requeues the job, which runs the
+    command again (the bodies resume from their files)."""
+
+    def __init__(self, argv: list[str], env: dict[str, str]):
+        self.argv = list(argv)
+        self.env = dict(env)
+        self._proc: subprocess.Popen | None = None
+
+    def __getstate__(self):
+        return {"argv": self.argv, "env": self.env}
+
+    def __setstate__(self, state):
+        self.__init__(state["argv"], state["env"])
+
+    def __call__(self) -> int:
+        # several nodes: the body runs on the first; its server reaches the others with srun
+        if int(os.environ.get("SLURM_PROCID", "0")) != 0:
+            return 0
+        self._proc = subprocess.Popen(self.argv, env={**os.environ, **self.env}, preexec_fn=die_with_parent)
+        code = self._proc.wait()
+        self._proc = None
+        if code != 0:
+            raise ServegenError(f"job command exited with code {code}: {shlex.join(self.argv)}")
+        return code
+
+    def checkpoint(self, *args, **kwargs):
+        self.stop()
+        return super().checkpoint(*args, **kwargs)
+
+    def stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def local_commands_text(job: JobSpec) -> str:
+    assigns = " ".join(f"{k}={shlex.quote(v)}" for k, v in job.env.items())
+    lines = [f"# job {job.name}: {len(job.commands)} command(s), run one after the other on this machine"]
+    lines += [(assigns + " " if assigns else "") + shlex.join(argv) for argv in job.commands]
+    return "\n".join(lines) + "\n"
+
+
+def run_local(job: JobSpec) -> None:
+    """Run each command of the job here, in order; the first failure stops the rest."""
+    for argv in job.commands:
+        print(f"servegen: running {shlex.join(argv)}", file=sys.stderr, flush=True)
+        command = JobCommand(argv, job.env)
+        try:
+            command()
+        finally:
+            command.stop()

@@ -1,0 +1,98 @@
+"""The Slurm executor, on submitit: a JobSpec becomes an sbatch job (or a job array, one task
+per command) with the partition, account, qos, time limit, GPUs, nodes, job name prefix and
+extra sbatch arguments of the cluster config. Jobs are submitit Checkpointables: on timeout or
+preemption they are requeued and their bodies resume from their files."""
+
+import shlex
+import subprocess
+import sys
+
+import submitit
+from submitit.slurm.slurm import _make_sbatch_string
+
+from servegen.cluster.config import ClusterConfig
+from servegen.cluster.jobs import JobCommand, JobSpec
+from servegen.errors import ServegenError
+
+DEFAULT_TIME_LIMIT_MIN = 240  # when neither --time_limit nor the config's `timeouts` says
+MAX_REQUEUES = 10  # requeues after a timeout (preemptions do not count)
+
+
+def sbatch_parameters(job: JobSpec, cluster: ClusterConfig) -> dict:
+    partition = job.partition or cluster.partition
+    time_limit = job.time_limit_min or cluster.time_limit_minutes(partition) or DEFAULT_TIME_LIMIT_MIN
+    params = {
+        "job_name": cluster.job_name_prefix + job.name,
+        "time": time_limit,
+        "nodes": job.nodes,
+        "ntasks_per_node": 1,
+        # submitit's USR2 comes this long before the limit: time enough to stop the server
+        "signal_delay_s": min(90, max(15, time_limit * 60 // 4)),
+        "wckey": None,
+        "stderr_to_stdout": True,
+    }
+    if partition:
+        params["partition"] = partition
+    if cluster.account:
+        params["account"] = cluster.account
+    if cluster.qos:
+        params["qos"] = cluster.qos
+    if job.gpus_per_node:
+        params["gpus_per_node"] = job.gpus_per_node
+    extra = dict(cluster.sbatch_args)
+    if job.time_min:
+        extra["time-min"] = job.time_min
+    if job.dependencies:
+        extra["dependency"] = "afterany:" + ":".join(job.dependencies)
+    if extra:
+        params["additional_parameters"] = extra
+    return params
+
+
+def sbatch_text(job: JobSpec, cluster: ClusterConfig) -> str:
+    """What --dry_run prints: the sbatch script submitit writes, then what each task runs."""
+    folder = job.log_dir
+    command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
+    n = len(job.commands)
+    script = _make_sbatch_string(command=command, folder=folder, map_count=n if n > 1 else None,
+                                 **sbatch_parameters(job, cluster))
+    assigns = "".join(f"{k}={shlex.quote(v)} " for k, v in job.env.items())
+    what = [f"# task {i} runs: {assigns}{shlex.join(argv)}" for i, argv in enumerate(job.commands)]
+    return f"# sbatch script of job {cluster.job_name_prefix}{job.name}\n{script}\n" + "\n".join(what) + "\n"
+
+
+def submit(job: JobSpec, cluster: ClusterConfig) -> str:
+    """Submit the job (an array if it has several commands); its Slurm job id."""
+    executor = submitit.SlurmExecutor(folder=job.log_dir, max_num_timeout=MAX_REQUEUES)
+    executor.update_parameters(**sbatch_parameters(job, cluster))
+    commands = [JobCommand(argv, job.env) for argv in job.commands]
+    try:
+        if len(commands) == 1:
+            return executor.submit(commands[0]).job_id
+        with executor.batch():
+            jobs = [executor.submit(c) for c in commands]
+        return jobs[0].job_id.split("_")[0]
+    except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError) as e:
+        raise ServegenError(f"sbatch refused the job: {' '.join(str(e).split())}") from None
+
+
+def jobs_named(name: str) -> list[str]:
+    """Ids of the pending or running jobs with this name."""
+    out = subprocess.run(["squeue", "-h", "-o", "%A", f"--name={name}"], capture_output=True, text=True)
+    if out.returncode != 0:
+        raise ServegenError(f"squeue failed: {out.stderr.strip()}")
+    return sorted(set(out.stdout.split()))
+
+
+def job_state(job_id: str) -> str | None:
+    """The job's state (RUNNING, PENDING, COMPLETED, ...), from squeue while it lives, then sacct."""
+    out = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True)
+    if out.returncode == 0 and out.stdout.split():
+        return out.stdout.split()[0]
+    out = subprocess.run(["sacct", "-n", "-X", "-P", "-j", job_id, "-o", "State"], capture_output=True, text=True)
+    states = out.stdout.split()
+    return states[0].split()[0] if states else None
+
+
+def cancel(job_id: str) -> None:
+    subprocess.run(["scancel", job_id], capture_output=True)

@@ -1,0 +1,146 @@
+"""The generation job's config: a plain dataclass tree that Hydra-style `++key=value` overrides
+change (parsed with Hydra's own override grammar, applied with OmegaConf), so
+`++inference.temperature=0.7` or `++stop_phrases='["\\n\\n"]'` mean what Hydra users expect."""
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from servegen.errors import ConfigError
+
+
+@dataclass
+class InferenceConfig:
+    tokens_to_generate: int = 512
+    temperature: float = 0.0
+    top_p: float = 0.95
+    top_k: int = -1
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    random_seed: int | None = None
+    timeout: float | None = None  # seconds per request attempt; None: the client's default
+
+
+@dataclass
+class ServerConfig:
+    """The model server: started in this job (model set, address unset) or an existing one."""
+
+    server_type: str = "vllm"
+    address: str | None = None  # http://host:port of a running server
+    model: str | None = None  # the model to serve (and the served model name to request)
+    gpus: int = 0
+    nodes: int = 1
+    args: str = ""  # extra engine flags
+    ready_timeout: float = 1800.0
+    max_restarts: int = 3  # a co-located server that dies is restarted this many times
+
+
+@dataclass
+class GenerationConfig:
+    input_file: str = ""
+    output_dir: str = ""
+    cluster: str = "local"  # cluster config name or path: where a co-located server starts, and how
+    config_dir: str | None = None
+    prompt_config: str = "generic/default"
+    prompt_template: str | None = None  # None: chat messages to /v1/chat/completions
+    examples_type: str | None = None
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    stop_phrases: list[str] = field(default_factory=list)  # besides the template's
+    max_concurrent_requests: int = 512
+    generation_key: str = "generation"
+    output_type: dict[str, str] | None = None  # typed output, e.g. {"answer": "int"}
+    random_seeds: list[int] | None = None  # one output-rs{seed}.jsonl each; None: output.jsonl
+    num_chunks: int = 1
+    chunk_ids: list[int] | None = None  # None: all chunks
+    max_samples: int = -1  # only the first N rows (-1: all)
+    rerun_done: bool = False
+    soft_fail: bool = True  # a request that fails for good gives a row with `error`, not a crash
+    log_dir: str | None = None  # server logs (default: <output_dir>/logs)
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    """(dotted key, value) pairs from Hydra overrides: `key=v`, `+key=v`, `++key=v`."""
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException as e:
+        raise ConfigError(f"cannot parse overrides {overrides}: {' '.join(str(e).split())}") from None
+    return [(o.key_or_group, o.value()) for o in parsed]
+
+
+def build_config(overrides: list[str], base: GenerationConfig | None = None) -> GenerationConfig:
+    """The job config with the overrides applied; an unknown key or a wrong type is one clear line."""
+    cfg = OmegaConf.structured(base or GenerationConfig())
+    for key, value in parse_overrides(overrides):
+        try:
+            OmegaConf.update(cfg, key, value, merge=False, force_add=False)
+        except (OmegaConfBaseException, ValueError) as e:
+            raise ConfigError(f"override {key}={value!r}: {_reason(e)}") from None
+    return OmegaConf.to_object(cfg)
+
+
+def to_overrides(cfg: GenerationConfig) -> list[str]:
+    """++key=value overrides that rebuild `cfg` from the defaults (for a job's command line)."""
+    defaults = OmegaConf.to_container(OmegaConf.structured(GenerationConfig()))
+    current = OmegaConf.to_container(OmegaConf.structured(cfg))
+    out = []
+    for key, value in _flatten(current):
+        if _lookup(defaults, key) != value:
+            out.append(f"++{key}={_hydra_value(value)}")
+    return out
+
+
+def _flatten(tree: dict, prefix: str = ""):
+    for k, v in tree.items():
+        if isinstance(v, dict) and v and k != "output_type":
+            yield from _flatten(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+def _lookup(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree.get(part) if isinstance(tree, dict) else None
+    return tree
+
+
+def _hydra_value(value) -> str:
+    """A value in Hydra's override grammar; strings are always quoted so none is misread."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, list):
+        return "[" + ",".join(_hydra_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{k}:{_hydra_value(v)}" for k, v in value.items()) + "}"
+    if _PLAIN.fullmatch(str(value)) and _parses_as(str(value), value):
+        return str(value)  # no quotes where Hydra reads the bare text back as the same string
+    # Hydra keeps a backslash as is unless it precedes a quote or ends the string; OmegaConf
+    # would resolve ${...} unless escaped
+    text = re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), str(value))
+    return "'" + text.replace("${", "\\${") + "'"
+
+
+_PLAIN = re.compile(r"[\w./+@%:-]+")
+
+
+def _parses_as(text: str, value) -> bool:
+    try:
+        return OverridesParser.create().parse_overrides([f"k={text}"])[0].value() == value
+    except HydraException:
+        return False
+
+
+def _reason(e: Exception) -> str:
+    text = " ".join(str(e).split())
+    if "Key '" in text and "not in" in text or "Could not override" in text or "ConfigKeyError" in type(e).__name__:
+        return "no such key in the generation config (see docs/generation.md)"
+    return text.split(" full_key:")[0]

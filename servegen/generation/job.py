@@ -1,0 +1,407 @@
+"""The job body: `python -m servegen.generation.job ++input_file=... ++output_dir=... [++key=value ...]`.
+
+It streams the input JSONL, builds a prompt per row, sends the prompts through a client to a
+model server (started here, in this job, or an existing one), and writes the output rows in
+input order (see files.py for how they survive kills and resume exactly once). The same command
+runs on a laptop and inside a Slurm job; the pipeline (servegen generate) only decides where.
+"""
+
+import asyncio
+import bisect
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm import tqdm
+
+from servegen.cluster.config import load_cluster_config
+from servegen.cluster.launch import start_server_here
+from servegen.errors import ServegenError, ServerError
+from servegen.generation.config import GenerationConfig, build_config
+from servegen.generation.files import OrderedWriter, count_rows, done_marker, merge_chunks, read_rows
+from servegen.inference import get_model
+from servegen.prompt import get_prompt
+from servegen.server.command import ServerSpec, split_args
+from servegen.server.process import free_port
+
+# Rows may finish out of order, and the ones waiting for an earlier row stay in memory: dispatch
+# stops this many rows past the oldest unfinished one, which bounds memory whatever the dataset.
+WINDOW_PER_REQUEST = 4
+# Latency histogram buckets (seconds, log-spaced from 1 ms to ~3 h): percentiles that chunks can merge.
+BUCKETS = [10 ** (-3 + i / 25) for i in range(176)]
+
+
+class ServerDied(Exception):
+    pass
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One output file of the job: a random seed (or none) and a chunk (or the whole dataset)."""
+
+    seed: int | None
+    chunk: int | None
+    num_chunks: int
+
+    def final_name(self) -> str:
+        return "output" + (f"-rs{self.seed}" if self.seed is not None else "") + ".jsonl"
+
+    def file_name(self) -> str:
+        if self.chunk is None:
+            return self.final_name()
+        return self.final_name().replace(".jsonl", f"_chunk{self.chunk}.jsonl")
+
+    def rows(self, total: int) -> tuple[int, int]:
+        """The contiguous rows [start, stop) of this chunk."""
+        if self.chunk is None:
+            return 0, total
+        return self.chunk * total // self.num_chunks, (self.chunk + 1) * total // self.num_chunks
+
+
+def units_of(cfg: GenerationConfig) -> list[Unit]:
+    if cfg.num_chunks < 1:
+        raise ServegenError(f"num_chunks must be 1 or more, got {cfg.num_chunks}")
+    chunks: list[int | None] = [None]
+    if cfg.num_chunks > 1:
+        chunks = list(range(cfg.num_chunks)) if cfg.chunk_ids is None else list(cfg.chunk_ids)
+        bad = [c for c in chunks if not 0 <= c < cfg.num_chunks]
+        if bad:
+            raise ServegenError(f"chunk ids {bad} are outside 0..{cfg.num_chunks - 1}")
+    elif cfg.chunk_ids not in (None, [0]):
+        raise ServegenError("chunk_ids needs num_chunks > 1")
+    seeds = cfg.random_seeds if cfg.random_seeds is not None else [None]
+    return [Unit(seed, chunk, cfg.num_chunks) for seed in seeds for chunk in chunks]
+
+
+def summary_path(output: Path) -> Path:
+    return output.with_name(output.name.removesuffix(".jsonl") + ".summary.json")
+
+
+def is_done(out_dir: Path, unit: Unit) -> bool:
+    """A chunk is done when its part is, or when the parts were already merged."""
+    return done_marker(out_dir / unit.file_name()).exists() or done_marker(out_dir / unit.final_name()).exists()
+
+
+def forget_outputs(out_dir: Path, units: list[Unit]) -> None:
+    """--rerun_done: drop what earlier runs wrote for these outputs."""
+    for name in {u.final_name() for u in units}:
+        final = out_dir / name
+        chunked = [u for u in units if u.final_name() == name and u.chunk is not None]
+        if chunked and len(chunked) < chunked[0].num_chunks and done_marker(final).exists():
+            raise ServegenError(f"{final} is already merged; to rerun some of its chunks, rerun all of them")
+        for path in (final, done_marker(final), summary_path(final)):
+            path.unlink(missing_ok=True)
+    for unit in units:
+        part = out_dir / unit.file_name()
+        for path in (part, done_marker(part), summary_path(part), part.with_name(part.name + ".unordered")):
+            path.unlink(missing_ok=True)
+
+
+class CoLocatedServer:
+    """The model server this job starts on its own node(s), restarted (bounded) when it dies."""
+
+    def __init__(self, cfg: GenerationConfig, log_dir: Path):
+        self.cfg = cfg.server
+        self.cluster = load_cluster_config(cfg.cluster, cfg.config_dir)
+        self.log_dir = log_dir
+        self.starts = 0
+        self.process = None
+        self.address = None
+
+    def start(self) -> None:
+        port = free_port()
+        spec = ServerSpec(
+            server_type=self.cfg.server_type, model=self.cfg.model, gpus=self.cfg.gpus, nodes=self.cfg.nodes,
+            port=port, args=split_args(self.cfg.args),
+        )
+        self.starts += 1
+        log_path = self.log_dir / f"{self.cfg.server_type}-server-{self.starts}.log"
+        print(f"servegen: starting {self.cfg.server_type} server (log {log_path})", file=sys.stderr, flush=True)
+        self.process = start_server_here(spec, self.cluster, log_path, f"{self.cfg.server_type} server")
+        self.process.wait_ready(self.cfg.ready_timeout)
+        self.address = f"http://127.0.0.1:{port}"
+        print(f"servegen: server ready at {self.address}", file=sys.stderr, flush=True)
+
+    def alive(self) -> bool:
+        return self.process.proc.poll() is None
+
+    def restart(self, why: str) -> None:
+        if self.starts > self.cfg.max_restarts:
+            raise ServerError(f"{why}; it was restarted {self.cfg.max_restarts} times already (server.max_restarts)")
+        print(f"servegen: {why}; restarting it", file=sys.stderr, flush=True)
+        self.process.stop()
+        self.start()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.stop()
+
+
+class Job:
+    def __init__(self, cfg: GenerationConfig):
+        if not cfg.input_file:
+            raise ServegenError("++input_file is required")
+        if not cfg.output_dir:
+            raise ServegenError("++output_dir is required")
+        self.cfg = cfg
+        self.input = Path(cfg.input_file)
+        if not self.input.is_file():
+            raise ServegenError(f"input file {self.input} does not exist")
+        self.out_dir = Path(cfg.output_dir)
+        self.units = units_of(cfg)
+        self.prompt = get_prompt(cfg.prompt_config, cfg.prompt_template, examples_type=cfg.examples_type)
+        self.server: CoLocatedServer | None = None
+
+    def run(self) -> int:
+        cfg = self.cfg
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if cfg.rerun_done:
+            forget_outputs(self.out_dir, self.units)
+        todo = [u for u in self.units if not is_done(self.out_dir, u)]
+        if not todo:
+            print(f"servegen: every output of this job is done in {self.out_dir}", file=sys.stderr)
+            return 0
+        total = count_rows(self.input)
+        if cfg.max_samples >= 0:
+            total = min(total, cfg.max_samples)
+        if cfg.server.address is None:
+            if not cfg.server.model:
+                raise ServegenError("give ++server.model (a server started in this job) or ++server.address")
+            self.server = CoLocatedServer(cfg, Path(cfg.log_dir or self.out_dir / "logs"))
+        try:
+            if self.server is not None:
+                self.server.start()
+            for unit in todo:
+                self._run_unit(unit, total)
+        finally:
+            if self.server is not None:
+                self.server.stop()
+        return 0
+
+    def _client(self):
+        cfg = self.cfg
+        if self.server is not None:
+            address = self.server.address
+            # engines that serve the model under its path; the others say their name in /v1/models
+            model = cfg.server.model if cfg.server.server_type == "hf" else None
+        else:
+            address, model = cfg.server.address, cfg.server.model
+        kwargs = {"timeout": cfg.inference.timeout} if cfg.inference.timeout else {}
+        return get_model(
+            cfg.server.server_type, base_url=address, model=model,
+            max_concurrent_requests=cfg.max_concurrent_requests, soft_fail=cfg.soft_fail, **kwargs,
+        )
+
+    def _run_unit(self, unit: Unit, total: int) -> None:
+        path = self.out_dir / unit.file_name()
+        start, stop = unit.rows(total)
+        while True:
+            try:
+                stats = asyncio.run(self._generate(unit, path, start, stop))
+                break
+            except ServerDied as e:
+                self.server.restart(str(e))
+        write_summary(path, stats)
+        if unit.chunk is not None:
+            final = self.out_dir / unit.final_name()
+            parts = [self.out_dir / Unit(unit.seed, c, unit.num_chunks).file_name() for c in range(unit.num_chunks)]
+            part_summaries = [summary_path(p) for p in parts]
+            if merge_chunks(final, parts):
+                merge_summaries(summary_path(final), part_summaries)
+                print(f"servegen: merged {len(parts)} chunks into {final}", file=sys.stderr)
+
+    def _params(self, unit: Unit) -> dict:
+        inf = self.cfg.inference
+        seed = unit.seed if unit.seed is not None else inf.random_seed
+        params = dict(
+            tokens_to_generate=inf.tokens_to_generate, temperature=inf.temperature, top_p=inf.top_p,
+            top_k=inf.top_k, min_p=inf.min_p, repetition_penalty=inf.repetition_penalty, random_seed=seed,
+        )
+        if self.cfg.prompt_template is not None:
+            params["stop_phrases"] = list(self.prompt.stop_phrases) + list(self.cfg.stop_phrases)
+        elif self.cfg.stop_phrases:
+            params["stop_phrases"] = list(self.cfg.stop_phrases)
+        if self.cfg.output_type:
+            params["output_type"] = dict(self.cfg.output_type)
+        return params
+
+    def _build(self, row: dict):
+        if self.cfg.prompt_template is not None:
+            return self.prompt.build_string(row)
+        return self.prompt.build_messages(row)
+
+    async def _generate(self, unit: Unit, path: Path, start: int, stop: int) -> dict:
+        cfg = self.cfg
+        writer = OrderedWriter(path, first_index=start)
+        already = writer.resume()
+        window = WINDOW_PER_REQUEST * cfg.max_concurrent_requests
+        in_flight: dict[int, tuple[int, dict, float]] = {}  # position in the stream -> (row, data, start)
+        moved = asyncio.Event()
+        bad_input: list[str] = []
+
+        async def prompts():
+            position = 0
+            for index, line_number, row in read_rows(self.input, start, stop):
+                if writer.is_done(index):
+                    continue
+                while index - writer.next_index >= window:
+                    moved.clear()
+                    await moved.wait()
+                try:
+                    prompt = self._build(row)
+                except ServegenError as e:
+                    bad_input.append(f"{self.input}:{line_number}: {e}")
+                    return
+                in_flight[position] = (index, row, time.monotonic())
+                position += 1
+                yield prompt
+
+        stats = RunStats()
+        bar = tqdm(
+            total=stop - start, initial=already, unit="row", file=sys.stderr, dynamic_ncols=True,
+            desc=unit.file_name(), mininterval=1 if sys.stderr.isatty() else 30,
+        )
+        client = self._client()
+
+        async def consume():
+            async for position, result in client.generate_iter_async(prompts(), **self._params(unit)):
+                index, row, started = in_flight.pop(position)
+                if "error" in result and self.server is not None and not self.server.alive():
+                    raise ServerDied("the server died")  # its requests are redone after the restart
+                out = {**row, **{k: v for k, v in result.items() if k != "generation"}}
+                out[cfg.generation_key] = result["generation"]
+                writer.add(index, out)
+                moved.set()
+                stats.add(time.monotonic() - started, result.get("num_generated_tokens") or 0, "error" in result)
+                bar.update(1)
+                bar.set_postfix_str(f"{stats.tokens / max(stats.elapsed(), 1e-9):.0f} tok/s", refresh=False)
+
+        async def watch():
+            while True:
+                await asyncio.sleep(0.5)
+                if not self.server.alive():
+                    raise ServerDied(f"the server exited with code {self.server.process.proc.returncode}")
+
+        tasks = [asyncio.ensure_future(consume())]
+        if self.server is not None:
+            tasks.append(asyncio.ensure_future(watch()))
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                task.result()  # raises ServerDied or a client error
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await client.aclose()
+            bar.close()
+            complete = not bad_input and writer.next_index == stop and not writer.waiting
+            writer.close(complete=complete)
+        if bad_input:
+            raise ServegenError(bad_input[0] + " (rows before it are saved; fix the line and run again)")
+        return stats.as_dict()
+
+
+class RunStats:
+    def __init__(self):
+        self.started = time.monotonic()
+        self.rows = 0
+        self.failed = 0
+        self.tokens = 0
+        self.histogram = [0] * (len(BUCKETS) + 1)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def add(self, latency: float, tokens: int, failed: bool) -> None:
+        self.rows += 1
+        self.failed += failed
+        self.tokens += tokens
+        self.histogram[bisect.bisect_left(BUCKETS, latency)] += 1
+
+    def as_dict(self) -> dict:
+        wall = self.elapsed()
+        return {
+            "rows_in_run": self.rows,
+            "failed_rows_in_run": self.failed,
+            "generated_tokens_in_run": self.tokens,
+            "wall_time_s": round(wall, 3),
+            "rows_per_s": round(self.rows / wall, 2) if wall else None,
+            "tokens_per_s": round(self.tokens / wall, 2) if wall else None,
+            "latency_histogram": self.histogram,
+        }
+
+
+def percentile(histogram: list[int], q: float) -> float | None:
+    """The upper edge of the bucket holding the q-th quantile (within 10% of the true value)."""
+    n = sum(histogram)
+    if not n:
+        return None
+    rank = math.ceil(q * n)
+    seen = 0
+    for i, count in enumerate(histogram):
+        seen += count
+        if seen >= rank:
+            return round(BUCKETS[min(i, len(BUCKETS) - 1)], 4)
+    return None
+
+
+def file_totals(path: Path) -> dict:
+    rows = failed = tokens = 0
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            rows += 1
+            failed += "error" in row
+            tokens += row.get("num_generated_tokens") or 0
+    return {"rows": rows, "failed_rows": failed, "generated_tokens": tokens}
+
+
+def write_summary(path: Path, run: dict) -> None:
+    summary = {"output": path.name, **file_totals(path), **_with_percentiles(run)}
+    summary_path(path).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def merge_summaries(target: Path, parts: list[Path]) -> None:
+    loaded = [json.loads(p.read_text()) for p in parts if p.exists()]
+    merged = {"output": target.name.replace(".summary.json", ".jsonl"), "chunks": len(parts)}
+    for key in ("rows", "failed_rows", "generated_tokens", "rows_in_run", "failed_rows_in_run",
+                "generated_tokens_in_run"):
+        merged[key] = sum(s.get(key, 0) for s in loaded)
+    merged["wall_time_s"] = max((s["wall_time_s"] for s in loaded), default=0.0)  # chunks run side by side
+    histogram = [0] * (len(BUCKETS) + 1)
+    for s in loaded:
+        for i, count in s["latency_histogram"].items():
+            histogram[int(i)] += count
+    merged["latency_histogram"] = histogram
+    target.write_text(json.dumps(_with_percentiles(merged), indent=2) + "\n")
+    for p in parts:
+        p.unlink(missing_ok=True)
+
+
+def _with_percentiles(summary: dict) -> dict:
+    """Latency percentiles, and the histogram they come from (bucket i ends at 10**(-3 + i/25) s;
+    only non-empty buckets are listed) so that chunks' summaries can be merged."""
+    histogram = summary["latency_histogram"]
+    latency = {f"p{int(q * 100)}": percentile(histogram, q) for q in (0.5, 0.9, 0.99)}
+    sparse = {str(i): c for i, c in enumerate(histogram) if c}
+    return {**{k: v for k, v in summary.items() if k != "latency_histogram"}, "latency_s": latency,
+            "latency_histogram": sparse}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from servegen.pipeline.common import run_main, stop_on_signals
+
+    def body(argv):
+        cfg = build_config(sys.argv[1:] if argv is None else argv)
+        with stop_on_signals():
+            return Job(cfg).run()
+
+    return run_main(body, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

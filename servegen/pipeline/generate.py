@@ -1,0 +1,201 @@
+"""python -m servegen.pipeline.generate: run a generation job over a JSONL dataset, with a model
+server started in the same job (--model/--server_type/--server_gpus) or an existing one
+(--server_address), on this machine or as Slurm jobs (chunks as a job array, follow-up jobs that
+resume where a timed-out one stopped). Arguments like ++key=value change the job config (see
+servegen/generation/config.py and docs/generation.md)."""
+
+import argparse
+import sys
+from pathlib import Path
+
+from servegen.cluster.config import ClusterConfig, load_cluster_config, parse_slurm_time
+from servegen.cluster.jobs import JobSpec, local_commands_text, run_local
+from servegen.errors import ServegenError
+from servegen.generation.config import GenerationConfig, build_config, to_overrides
+from servegen.generation.job import Unit, forget_outputs, is_done, units_of
+from servegen.pipeline.common import add_server_flags, run_main, stop_on_signals
+from servegen.server.command import split_args
+
+# sampling suited to drawing several independent answers; the user's ++inference.* still win
+SEED_SAMPLING = ["++inference.temperature=0.7", "++inference.top_p=0.95"]
+
+
+def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(
+        prog="servegen generate",
+        description="Generate over a JSONL dataset; ++key=value arguments change the job config.",
+    )
+    parser.add_argument("--cluster", default="local", help="cluster config name or path (default: local)")
+    parser.add_argument("--config_dir", help="folder to look for cluster configs in first")
+    parser.add_argument("--input_file", required=True, help="JSONL dataset, one row per line")
+    parser.add_argument("--output_dir", required=True, help="where output*.jsonl and their .done markers go")
+    add_server_flags(parser, required=False)
+    parser.add_argument("--server_address", help="use a running server (http://host:port) instead of starting one")
+    parser.add_argument("--expname", default="generate", help="experiment name: the Slurm job name after the prefix")
+    parser.add_argument("--num_chunks", type=int, default=1, help="split the dataset into N parts run as N jobs")
+    parser.add_argument("--chunk_ids", help="only these chunks, e.g. 0,3 or 0-2")
+    parser.add_argument("--num_random_seeds", type=int, help="K generations with seeds starting_seed..+K-1")
+    parser.add_argument("--starting_seed", type=int, default=0, help="first seed of --num_random_seeds (default 0)")
+    parser.add_argument("--random_seeds", help="these seeds, e.g. 0,5,7")
+    parser.add_argument("--dependent_jobs", type=int, default=0,
+                        help="N follow-up jobs that resume where a timed-out one stopped (Slurm)")
+    parser.add_argument("--run_after", action="append", default=[],
+                        help="start after the jobs of this experiment name finish (Slurm; repeatable)")
+    parser.add_argument("--partition", help="Slurm partition (default: the cluster config's)")
+    parser.add_argument("--time_limit", help="job time limit, minutes or a Slurm time (default: the config's)")
+    parser.add_argument("--time_min", help="sbatch --time-min: Slurm may shorten the limit down to this")
+    parser.add_argument("--log_dir", help="job and server logs (default: <output_dir>/logs)")
+    parser.add_argument("--rerun_done", action="store_true", help="run again even where output is done")
+    parser.add_argument("--dry_run", action="store_true", help="print every sbatch script or local command and exit")
+    args, rest = parser.parse_known_args(argv)
+    unknown = [a for a in rest if not (a.startswith("+") or "=" in a and not a.startswith("-"))]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (job config changes look like ++key=value)")
+    return args, rest
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_main(_generate, argv)
+
+
+def _generate(argv: list[str] | None) -> int:
+    args, overrides = parse_args(argv)
+    cluster = load_cluster_config(args.cluster, args.config_dir)
+    seeds = _seeds(args)
+    cfg = _job_config(args, cluster, seeds, overrides)
+    units = units_of(cfg)
+    log_dir = Path(args.log_dir or Path(args.output_dir) / "logs")
+    if args.rerun_done and not args.dry_run:
+        # here, not in the jobs: a requeued or follow-up job must keep what its first run wrote
+        forget_outputs(Path(cfg.output_dir), units)
+
+    if cluster.executor == "local":
+        if args.dependent_jobs or args.run_after:
+            raise ServegenError("--dependent_jobs and --run_after need a Slurm cluster; locally jobs run in order")
+        job = JobSpec(name=args.expname, commands=[_command(cfg)], env=cluster.env_vars, log_dir=log_dir)
+        if args.dry_run:
+            print(local_commands_text(job), end="")
+            return 0
+        with stop_on_signals():
+            run_local(job)
+        return 0
+
+    from servegen.cluster import slurm
+
+    todo = units if args.rerun_done else [u for u in units if not is_done(Path(cfg.output_dir), u)]
+    if not todo:
+        print(f"servegen: every output is already done in {args.output_dir}; --rerun_done runs it again")
+        return 0
+    commands = [_command(cfg, unit) for unit in todo]
+    job = JobSpec(
+        name=args.expname,
+        commands=commands,
+        env=cluster.env_vars,
+        log_dir=log_dir,
+        nodes=cfg.server.nodes if cfg.server.address is None else 1,
+        gpus_per_node=cfg.server.gpus if cfg.server.address is None else 0,
+        partition=args.partition,
+        time_limit_min=_minutes(args.time_limit, "--time_limit") if args.time_limit else None,
+        time_min=args.time_min,
+    )
+    if args.run_after and not args.dry_run:
+        for name in args.run_after:
+            ids = slurm.jobs_named(cluster.job_name_prefix + name)
+            if not ids:
+                print(f"servegen: no pending or running job named {cluster.job_name_prefix}{name}; "
+                      "not waiting for it", file=sys.stderr)
+            job.dependencies += ids
+    chain = [job] + [_follow_up(job, i) for i in range(1, args.dependent_jobs + 1)]
+    if args.dry_run:
+        for i, link in enumerate(chain):
+            if i:
+                link.dependencies = ["<job id of the job above>"]
+            print(slurm.sbatch_text(link, cluster))
+        return 0
+    previous = None
+    for link in chain:
+        if previous is not None:
+            link.dependencies = [previous]
+        previous = slurm.submit(link, cluster)
+        kind = f"array of {len(link.commands)}" if len(link.commands) > 1 else "job"
+        print(f"servegen: submitted {kind} {previous} ({cluster.job_name_prefix}{link.name}), logs in {link.log_dir}")
+    return 0
+
+
+def _follow_up(job: JobSpec, i: int) -> JobSpec:
+    return JobSpec(**{**job.__dict__, "name": f"{job.name}-dependent{i}", "dependencies": []})
+
+
+def _seeds(args) -> list[int] | None:
+    if args.random_seeds and args.num_random_seeds:
+        raise ServegenError("give --random_seeds or --num_random_seeds, not both")
+    if args.random_seeds:
+        return _int_list(args.random_seeds, "--random_seeds")
+    if args.num_random_seeds is not None:
+        if args.num_random_seeds < 1:
+            raise ServegenError(f"--num_random_seeds must be 1 or more, got {args.num_random_seeds}")
+        return list(range(args.starting_seed, args.starting_seed + args.num_random_seeds))
+    return None
+
+
+def _int_list(text: str, flag: str) -> list[int]:
+    """0,3,5 or 0-2 (inclusive) or a mix."""
+    out = []
+    try:
+        for part in text.split(","):
+            lo, sep, hi = part.strip().partition("-")
+            out += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
+    except ValueError:
+        raise ServegenError(f"{flag} must look like 0,3,5 or 0-2, got {text!r}") from None
+    return out
+
+
+def _minutes(text: str, flag: str) -> int:
+    try:
+        return parse_slurm_time(text)
+    except ValueError:
+        raise ServegenError(f"{flag} must be minutes or a Slurm time like 04:00:00, got {text!r}") from None
+
+
+def _job_config(args, cluster: ClusterConfig, seeds: list[int] | None, overrides: list[str]) -> GenerationConfig:
+    if args.server_address and args.server_gpus:
+        raise ServegenError("--server_address uses a running server; --server_gpus is for a server started here")
+    if not args.server_address and not (args.model and args.server_gpus is not None):
+        raise ServegenError("give --model, --server_type and --server_gpus to start a server, or --server_address")
+    if args.server_address and args.server_port:
+        raise ServegenError("--server_port is for a server started here; put the port in --server_address")
+    base = [f"++input_file={_abs(args.input_file)}", f"++output_dir={_abs(args.output_dir)}",
+            f"++cluster={cluster.path.resolve()}", f"++num_chunks={args.num_chunks}"]
+    cfg = build_config(base)
+    cfg.server.server_type = args.server_type or "vllm"
+    cfg.server.address = args.server_address
+    cfg.server.model = args.model
+    cfg.server.gpus = args.server_gpus or 0
+    cfg.server.nodes = args.server_nodes
+    cfg.server.args = args.server_args
+    split_args(args.server_args)  # a bad --server_args fails here, not in the job
+    if args.chunk_ids:
+        cfg.chunk_ids = _int_list(args.chunk_ids, "--chunk_ids")
+    cfg.random_seeds = seeds
+    cfg.log_dir = str(_abs(args.log_dir or Path(args.output_dir) / "logs"))
+    cfg = build_config((SEED_SAMPLING if seeds else []) + overrides, base=cfg)
+    if not Path(cfg.input_file).is_file():
+        raise ServegenError(f"--input_file {args.input_file} does not exist")
+    return cfg
+
+
+def _abs(path) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def _command(cfg: GenerationConfig, unit: Unit | None = None) -> list[str]:
+    """The job body's command line; one unit (seed, chunk) per Slurm task, all of them locally."""
+    if unit is not None:
+        cfg = build_config([], base=cfg)
+        cfg.random_seeds = None if unit.seed is None else [unit.seed]
+        cfg.chunk_ids = None if unit.chunk is None else [unit.chunk]
+    return [sys.executable, "-m", "servegen.generation.job", *to_overrides(cfg)]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
