@@ -77,6 +77,7 @@ def srun_launch(spec: ServerSpec, command: ServerCommand, cluster: ClusterConfig
         f"--nodes={spec.nodes}",
         f"--ntasks={spec.nodes * tasks}",
         f"--ntasks-per-node={tasks}",
+        "--mem=0",  # the job's memory: the step that runs servegen holds it already
         "--kill-on-bad-exit=1",
     ]
     if command.mpi and not any(a.startswith("--mpi") for a in cluster.srun_args):
@@ -109,10 +110,12 @@ def head_node_address() -> str:
 
 
 def start_server_here(spec: ServerSpec, cluster: ClusterConfig, log_path: Path, name: str) -> ServerProcess:
-    """Start a server from inside a job: across the allocation with srun inside Slurm, as a local
-    process (or docker container) elsewhere. The caller waits for it to be ready."""
+    """Start a server from inside a job: with srun across the allocation inside a Slurm job when
+    it spans several nodes, runs a task per GPU or runs in a container (pyxis), else as a child process here (or a
+    docker container outside Slurm). The caller waits for it to be ready."""
     command = build_server_command(spec)
-    if in_slurm_job():
+    needs_srun = spec.nodes > 1 or command.tasks_per_node > 1 or cluster.container_for(spec.server_type)
+    if in_slurm_job() and needs_srun:
         launch = srun_launch(spec, command, cluster)
         env = {
             **launch.full_env(),

@@ -5,6 +5,7 @@ import contextlib
 import signal
 import sys
 
+from servegen.cluster.config import parse_slurm_time
 from servegen.errors import ServegenError
 from servegen.server import SERVER_TYPES
 from servegen.server.command import ServerSpec, split_args
@@ -45,6 +46,14 @@ def server_spec_from_flags(args: argparse.Namespace, host: str, port: int) -> Se
         host=host,
         args=extra,
     )
+
+
+def parse_time_limit(text: str, flag: str = "--time_limit") -> int:
+    """Minutes from a number of minutes or a Slurm time (04:00:00, 1-00:00:00)."""
+    try:
+        return parse_slurm_time(text)
+    except ValueError:
+        raise ServegenError(f"{flag} must be minutes or a Slurm time like 04:00:00, got {text!r}") from None
 
 
 def run_main(body, argv: list[str] | None) -> int:

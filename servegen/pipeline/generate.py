@@ -8,12 +8,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from servegen.cluster.config import ClusterConfig, load_cluster_config, parse_slurm_time
+from servegen.cluster.config import ClusterConfig, load_cluster_config
 from servegen.cluster.jobs import JobSpec, local_commands_text, run_local
 from servegen.errors import ServegenError
 from servegen.generation.config import GenerationConfig, build_config, to_overrides
 from servegen.generation.job import Unit, forget_outputs, is_done, units_of
-from servegen.pipeline.common import add_server_flags, run_main, stop_on_signals
+from servegen.pipeline.common import add_server_flags, parse_time_limit, run_main, stop_on_signals
 from servegen.server.command import split_args
 
 # sampling suited to drawing several independent answers; the user's ++inference.* still win
@@ -95,7 +95,7 @@ def _generate(argv: list[str] | None) -> int:
         nodes=cfg.server.nodes if cfg.server.address is None else 1,
         gpus_per_node=cfg.server.gpus if cfg.server.address is None else 0,
         partition=args.partition,
-        time_limit_min=_minutes(args.time_limit, "--time_limit") if args.time_limit else None,
+        time_limit_min=parse_time_limit(args.time_limit) if args.time_limit else None,
         time_min=args.time_min,
     )
     if args.run_after and not args.dry_run:
@@ -148,13 +148,6 @@ def _int_list(text: str, flag: str) -> list[int]:
     except ValueError:
         raise ServegenError(f"{flag} must look like 0,3,5 or 0-2, got {text!r}") from None
     return out
-
-
-def _minutes(text: str, flag: str) -> int:
-    try:
-        return parse_slurm_time(text)
-    except ValueError:
-        raise ServegenError(f"{flag} must be minutes or a Slurm time like 04:00:00, got {text!r}") from None
 
 
 def _job_config(args, cluster: ClusterConfig, seeds: list[int] | None, overrides: list[str]) -> GenerationConfig:

@@ -2,20 +2,30 @@
 wait until it is healthy, print its address.
 
 On a local cluster the server runs in the foreground until Ctrl-C (or SIGTERM), which stops every
-process it started. On a Slurm cluster it is submitted as a job (see servegen/cluster/slurm.py).
+process it started. On a Slurm cluster it is submitted as a job: the command prints the job id,
+waits for the server, prints its address, and stays until the job ends; Ctrl-C cancels the job.
 """
 
 import argparse
+import os
 import socket
 import sys
+import time
 from pathlib import Path
 
-from servegen.cluster.config import load_cluster_config
-from servegen.cluster.launch import local_launch
-from servegen.errors import ServegenError
-from servegen.pipeline.common import add_server_flags, run_main, server_spec_from_flags, stop_on_signals
+from servegen.cluster.config import ClusterConfig, load_cluster_config
+from servegen.cluster.jobs import JobSpec
+from servegen.cluster.launch import local_launch, start_server_here
+from servegen.errors import ServegenError, ServerError
+from servegen.pipeline.common import (
+    add_server_flags,
+    parse_time_limit,
+    run_main,
+    server_spec_from_flags,
+    stop_on_signals,
+)
 from servegen.server import build_server_command
-from servegen.server.process import DEFAULT_READY_TIMEOUT_S, ServerProcess, free_port
+from servegen.server.process import DEFAULT_READY_TIMEOUT_S, free_port, log_tail, probe
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -27,7 +37,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--config_dir", help="folder to look for cluster configs in first")
     add_server_flags(parser, required=True)
     parser.add_argument(
-        "--log_dir", default="servegen_logs", help="folder for the server log (default: ./servegen_logs)"
+        "--log_dir", default="servegen_logs", help="folder for the server (and job) logs (default: ./servegen_logs)"
     )
     parser.add_argument(
         "--ready_timeout",
@@ -35,7 +45,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=DEFAULT_READY_TIMEOUT_S,
         help=f"seconds to wait for the server to become healthy (default: {DEFAULT_READY_TIMEOUT_S})",
     )
-    parser.add_argument("--dry_run", action="store_true", help="print the exact command or script and exit")
+    parser.add_argument("--partition", help="Slurm partition (default: the cluster config's)")
+    parser.add_argument("--time_limit", help="Slurm job time limit, minutes or a Slurm time (default: the config's)")
+    parser.add_argument("--expname", default="server", help="Slurm job name after the config's prefix")
+    parser.add_argument("--dry_run", action="store_true", help="print the exact command or sbatch script and exit")
+    # what the submitted Slurm job runs: start the server in this allocation, write its address
+    parser.add_argument("--run_here", action="store_true", help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
@@ -46,52 +61,113 @@ def main(argv: list[str] | None = None) -> int:
 def _start(argv: list[str] | None) -> int:
     args = parse_args(argv)
     cluster = load_cluster_config(args.cluster, args.config_dir)
-    if cluster.executor == "slurm":
-        from servegen.cluster.slurm import start_server_on_slurm
+    if cluster.executor == "slurm" and not args.run_here:
+        return _submit(args, cluster)
 
-        return start_server_on_slurm(args, cluster)
-
-    host = args.server_host or "127.0.0.1"
-    spec = server_spec_from_flags(args, host=host, port=args.server_port or free_port(host))
-    port = spec.port
-    if args.server_port is not None and not args.dry_run:
-        _check_port_free(host, port)
+    host = args.server_host or ("0.0.0.0" if args.run_here else "127.0.0.1")
+    spec = server_spec_from_flags(args, host=host, port=args.server_port or free_port())
     command = build_server_command(spec)
-    launch = local_launch(spec, command, cluster)
-    health_url = f"http://{_connect_host(host)}:{port}{command.health_path}"
-
+    # local_launch also checks that the server can run on this machine
+    launch = None if args.run_here and not args.dry_run else local_launch(spec, command, cluster)
     if args.dry_run:
-        print(f"# {spec.server_type} server on cluster '{cluster.name}' (local): {spec.gpus} GPUs, port {port}")
+        print(f"# {spec.server_type} server on cluster '{cluster.name}' (local): {spec.gpus} GPUs, port {spec.port}")
         print(launch.shell())
-        print(f"# ready when {command.health_method} {health_url} answers 200")
+        print(f"# ready when {command.health_method} http://{_connect_host(host)}:{spec.port}{command.health_path}"
+              " answers 200")
         return 0
-
+    if args.server_port is not None:
+        _check_port_free(host, spec.port)
     if not Path(spec.model).exists() and spec.model.startswith(("/", "./", "../", "~")):
         raise ServegenError(f"--model {spec.model}: no such file or folder")
-    log_path = Path(args.log_dir) / f"{spec.server_type}-{port}.log"
-    server = ServerProcess(
-        launch.argv,
-        launch.full_env(),
-        log_path,
-        health_url,
-        health_method=command.health_method,
-        health_body=command.health_body,
-        name=f"{spec.server_type} server",
-    )
+
+    log_path = Path(args.log_dir) / f"{spec.server_type}-{spec.port}.log"
     with stop_on_signals():
+        server = start_server_here(spec, cluster, log_path, f"{spec.server_type} server")
         with server:
             print(f"servegen: starting {spec.server_type} server (pid {server.pid}, log {log_path})", file=sys.stderr)
             server.wait_ready(args.ready_timeout)
-            address = f"http://{_connect_host(host)}:{port}"
+            address = f"http://{_public_host(host, args.run_here)}:{spec.port}"
+            if args.run_here and "SLURM_JOB_ID" in os.environ:  # for the submitter, waiting for it
+                address_file(Path(args.log_dir), os.environ["SLURM_JOB_ID"]).write_text(address + "\n")
             print(f"servegen: {spec.server_type} server ready at {address} (model {spec.model})", flush=True)
             print("servegen: press Ctrl-C to stop it", file=sys.stderr)
             code = server.proc.wait()
-            raise ServegenError(f"{spec.server_type} server exited with code {code}; see its log {log_path}")
+            raise ServerError(f"{spec.server_type} server exited with code {code}; see its log {log_path}")
+
+
+def _submit(args: argparse.Namespace, cluster: ClusterConfig) -> int:
+    from servegen.cluster import slurm
+
+    log_dir = Path(args.log_dir).resolve()
+    # flag mistakes fail here, not in the job; the probe tells when the server answers
+    server = build_server_command(server_spec_from_flags(args, host="0.0.0.0", port=args.server_port or 5000))
+    command = [
+        sys.executable, "-m", "servegen.pipeline.start_server", "--run_here",
+        "--cluster", str(cluster.path.resolve()), "--model", args.model, "--server_type", args.server_type,
+        "--server_gpus", str(args.server_gpus), "--server_nodes", str(args.server_nodes),
+        "--server_args", args.server_args, "--server_host", args.server_host or "0.0.0.0",
+        "--log_dir", str(log_dir), "--ready_timeout", str(args.ready_timeout),
+    ]
+    if args.server_port:
+        command += ["--server_port", str(args.server_port)]
+    job = JobSpec(
+        name=args.expname, commands=[command], env=cluster.env_vars, log_dir=log_dir, nodes=args.server_nodes,
+        gpus_per_node=args.server_gpus, partition=args.partition,
+        time_limit_min=parse_time_limit(args.time_limit) if args.time_limit else None,
+    )
+    if args.dry_run:
+        print(slurm.sbatch_text(job, cluster), end="")
+        return 0
+    job_id = slurm.submit(job, cluster)
+    print(f"servegen: submitted Slurm job {job_id}; waiting for the server (job log {log_dir}/{job_id}_0_log.out)",
+          file=sys.stderr, flush=True)
+    with stop_on_signals():
+        try:
+            address = _wait_for_address(job_id, address_file(log_dir, job_id), log_dir, args.ready_timeout, server)
+            print(f"servegen: {args.server_type} server ready at {address} (Slurm job {job_id})", flush=True)
+            print(f"servegen: Ctrl-C (or scancel {job_id}) stops it", file=sys.stderr, flush=True)
+            while slurm.job_state(job_id) in ("RUNNING", "COMPLETING", "PENDING", "REQUEUED"):
+                time.sleep(5)
+            raise ServerError(f"Slurm job {job_id} ended ({slurm.job_state(job_id)}); see {log_dir}")
+        except KeyboardInterrupt:
+            slurm.cancel(job_id)
+            raise
+
+
+def address_file(log_dir: Path, job_id: str) -> Path:
+    return log_dir / f"server-{job_id}.address"
+
+
+def _wait_for_address(job_id: str, path: Path, log_dir: Path, timeout_s: float, server) -> str:
+    from servegen.cluster import slurm
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists():
+            address = path.read_text().strip()
+            if address and probe(address + server.health_path, server.health_method, server.health_body):
+                return address
+        state = slurm.job_state(job_id)
+        if state not in (None, "PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED"):
+            tail = log_tail(log_dir / f"{job_id}_0_log.out").rstrip()
+            raise ServerError(f"Slurm job {job_id} ended ({state}) before its server was ready; its log ends:\n{tail}")
+        time.sleep(2)
+    slurm.cancel(job_id)
+    raise ServerError(f"the server of Slurm job {job_id} was not ready after {timeout_s:.0f} s; job cancelled")
 
 
 def _connect_host(host: str) -> str:
     """Where a client on this machine reaches a server listening on `host`."""
     return "127.0.0.1" if host in ("0.0.0.0", "") else host
+
+
+def _public_host(host: str, in_job: bool) -> str:
+    """Where other machines reach the server: inside a Slurm job, the node's address."""
+    if in_job and host in ("0.0.0.0", ""):
+        from servegen.cluster.launch import head_node_address, in_slurm_job
+
+        return head_node_address() if in_slurm_job() else socket.gethostname()
+    return _connect_host(host)
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -44,6 +44,19 @@ def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
         return ""
 
 
+def probe(url: str, method: str = "GET", body: str | None = None) -> bool:
+    """Whether a server answers its readiness probe with 200 right now."""
+    data = body.encode() if body is not None else None
+    request = urllib.request.Request(url, data=data, method=method)
+    if data is not None:
+        request.add_header("Content-Type", "application/json")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
 class ServerProcess:
     """One launched server. Use as a context manager, or call start / wait_ready / stop."""
 
@@ -88,15 +101,7 @@ class ServerProcess:
         return self.proc.pid
 
     def is_ready(self) -> bool:
-        body = self.health_body.encode() if self.health_body is not None else None
-        request = urllib.request.Request(self.health_url, data=body, method=self.health_method)
-        if body is not None:
-            request.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(request, timeout=5) as response:
-                return response.status == 200
-        except (urllib.error.URLError, OSError, ValueError):
-            return False
+        return probe(self.health_url, self.health_method, self.health_body)
 
     def wait_ready(self, timeout_s: float = DEFAULT_READY_TIMEOUT_S, poll_s: float = 1.0) -> None:
         """Return when the server answers its probe; raise ServerError with the log's tail if it
