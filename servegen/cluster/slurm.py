@@ -15,7 +15,8 @@ from servegen.cluster.jobs import JobCommand, JobSpec
 from servegen.errors import ServegenError
 
 DEFAULT_TIME_LIMIT_MIN = 240  # when neither --time_limit nor the config's `timeouts` says
-MAX_REQUEUES = 10  # requeues after a timeout (preemptions do not count)
+# requeues after a timeout; submitit counts every USR2 of a job shorter than ~10 min as one
+MAX_REQUEUES = 10
 
 
 def sbatch_parameters(job: JobSpec, cluster: ClusterConfig) -> dict:

@@ -1,0 +1,5 @@
+import sys
+
+from servegen.demo_model import main
+
+sys.exit(main())
