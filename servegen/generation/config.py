@@ -24,6 +24,11 @@ class InferenceConfig:
     repetition_penalty: float = 1.0
     random_seed: int | None = None
     timeout: float | None = None  # seconds per request attempt; None: the client's default
+    # a request that fails (connection error, timeout, 429, 5xx) is retried this many times,
+    # waiting retry_backoff * 2**attempt s (at most max_backoff) in between; then it fails for good
+    max_retries: int = 5
+    retry_backoff: float = 0.5
+    max_backoff: float = 60.0
 
 
 @dataclass

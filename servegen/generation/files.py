@@ -5,17 +5,21 @@ While a job runs, its output file holds a contiguous prefix of the finished rows
 A row that finishes before an earlier one goes to a side file (`<output>.unordered`) at once and
 moves into the output when the rows before it are done; so a crash loses only the requests in
 flight, and a resume knows exactly which rows are done: the output's prefix plus the side file.
+The side file is emptied whenever every row in it has reached the output, so it stays small, and
+a resume never holds more rows in memory than the side file has past the output's end.
 """
 
 import fcntl
 import json
 import os
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from servegen.errors import ServegenError
 
-INDEX_KEY = "_servegen_row"  # the row's position, in side-file records only
+INDEX_KEY = "_servegen_row"  # the row's position, in side-file records {INDEX_KEY: i, "row": {...}}
+_SIDE_INDEX = re.compile(rb'\{"_servegen_row": (\d+),')  # how a side record starts (no need to parse it all)
 
 
 def done_marker(path: Path) -> Path:
@@ -32,15 +36,18 @@ def count_rows(path: Path) -> int:
     return rows
 
 
-def read_rows(path: Path, start: int = 0, stop: int | None = None) -> Iterator[tuple[int, int, dict]]:
-    """(row index, line number, row) for rows start..stop-1; a bad line is an error naming it."""
+def read_rows(
+    path: Path, start: int = 0, stop: int | None = None, skip: Callable[[int], bool] | None = None
+) -> Iterator[tuple[int, int, dict]]:
+    """(row index, line number, row) for rows start..stop-1 that `skip` (e.g. done rows) does not
+    drop, parsed only then; a bad line is an error naming it."""
     index = -1
     with open(path, "rb") as f:
         for line_number, raw in enumerate(f, start=1):
             if not raw.strip():
                 continue
             index += 1
-            if index < start:
+            if index < start or skip is not None and skip(index):
                 continue
             if stop is not None and index >= stop:
                 return
@@ -52,10 +59,12 @@ def parse_row(raw: bytes, path: Path, line_number: int) -> dict:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ServegenError(f"{path}:{line_number}: not valid UTF-8 (byte {e.start + 1} of the line)") from None
+    text = text.rstrip("\r\n")
     try:
         row = json.loads(text)
     except json.JSONDecodeError as e:
-        raise ServegenError(f"{path}:{line_number}: not valid JSON: {e.msg} at column {e.colno}") from None
+        where = "at the end of the line" if e.pos >= len(text.rstrip()) else f"at column {e.colno}"
+        raise ServegenError(f"{path}:{line_number}: not valid JSON: {e.msg} {where}") from None
     if not isinstance(row, dict):
         raise ServegenError(f"{path}:{line_number}: a row must be a JSON object, got {type(row).__name__}")
     return row
@@ -92,6 +101,7 @@ class OrderedWriter:
         self.first_index = first_index
         self.next_index = first_index
         self.waiting: dict[int, str] = {}  # finished rows not yet in the output, serialized
+        self.side_records = 0  # records in the side file
         self.out = None
         self.side = None
 
@@ -101,10 +111,11 @@ class OrderedWriter:
         for _ in _complete_lines(self.path):
             self.next_index += 1
         for line in _complete_lines(self.side_path):
-            record = json.loads(line)
-            index = record.pop(INDEX_KEY)
-            if index >= self.next_index:
-                self.waiting[index] = json.dumps(record, ensure_ascii=False)
+            self.side_records += 1
+            match = _SIDE_INDEX.match(line)
+            index = int(match.group(1)) if match else json.loads(line)[INDEX_KEY]
+            if index >= self.next_index:  # the others reached the output before a kill emptied the side file
+                self.waiting[index] = json.dumps(json.loads(line)["row"], ensure_ascii=False)
         self.out = open(self.path, "a", encoding="utf-8")
         self.side = open(self.side_path, "a", encoding="utf-8")
         self._drain()
@@ -121,8 +132,9 @@ class OrderedWriter:
             self._drain()
             self.out.flush()
         else:
-            self.side.write(json.dumps({INDEX_KEY: index, **row}, ensure_ascii=False) + "\n")
+            self.side.write(f'{{"{INDEX_KEY}": {index}, "row": {line}}}\n')
             self.side.flush()
+            self.side_records += 1
             self.waiting[index] = line
 
     def _drain(self) -> None:
@@ -130,9 +142,15 @@ class OrderedWriter:
             self.out.write(self.waiting.pop(self.next_index) + "\n")
             self.next_index += 1
         self.out.flush()
+        if not self.waiting and self.side_records:
+            # every side record is in the output now (flushed above): a kill from here on
+            # leaves either the records, which resume ignores, or none
+            self.side.truncate(0)
+            self.side_records = 0
 
     def close(self, complete: bool) -> None:
-        """Close the files; when every row is in the output, drop the side file and mark it done."""
+        """Close the files; when every row is in the output, drop the side file. The caller marks
+        the output done (after writing what must exist before the marker, e.g. its summary)."""
         for f in (self.out, self.side):
             if f is not None:
                 f.flush()
@@ -142,13 +160,13 @@ class OrderedWriter:
             if self.waiting:
                 raise RuntimeError(f"rows {sorted(self.waiting)[:5]} finished but never reached {self.path}")
             self.side_path.unlink(missing_ok=True)
-            done_marker(self.path).write_text("")
 
 
-def merge_chunks(final: Path, parts: list[Path]) -> bool:
+def merge_chunks(final: Path, parts: list[Path], before_done: Callable[[], None] | None = None) -> bool:
     """Concatenate finished chunk files into `final` once all are done; True if this call did it.
 
-    Every chunk calls this when it finishes; a file lock makes exactly one of them merge."""
+    Every chunk calls this when it finishes; a file lock makes exactly one of them merge.
+    `before_done` runs after the merge, before `final` is marked done and the parts removed."""
     lock_path = final.with_name(f".{final.name}.merge-lock")
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -163,6 +181,8 @@ def merge_chunks(final: Path, parts: list[Path]) -> bool:
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, final)
+        if before_done is not None:
+            before_done()
         done_marker(final).write_text("")
         for part in parts:
             part.unlink()

@@ -8,6 +8,7 @@ runs on a laptop and inside a Slurm job; the pipeline (servegen generate) only d
 
 import asyncio
 import bisect
+import contextlib
 import json
 import math
 import sys
@@ -22,7 +23,8 @@ from servegen.cluster.launch import start_server_here
 from servegen.errors import ServegenError, ServerError
 from servegen.generation.config import GenerationConfig, build_config
 from servegen.generation.files import OrderedWriter, count_rows, done_marker, merge_chunks, read_rows
-from servegen.inference import get_model
+from servegen.inference import InferenceError, get_model
+from servegen.inference.params import Plan
 from servegen.prompt import get_prompt
 from servegen.server.command import ServerSpec, split_args
 from servegen.server.process import free_port
@@ -66,13 +68,16 @@ def units_of(cfg: GenerationConfig) -> list[Unit]:
         raise ServegenError(f"num_chunks must be 1 or more, got {cfg.num_chunks}")
     chunks: list[int | None] = [None]
     if cfg.num_chunks > 1:
-        chunks = list(range(cfg.num_chunks)) if cfg.chunk_ids is None else list(cfg.chunk_ids)
+        # each once: two Slurm tasks writing one file would interleave their rows
+        chunks = list(range(cfg.num_chunks)) if cfg.chunk_ids is None else list(dict.fromkeys(cfg.chunk_ids))
         bad = [c for c in chunks if not 0 <= c < cfg.num_chunks]
         if bad:
             raise ServegenError(f"chunk ids {bad} are outside 0..{cfg.num_chunks - 1}")
     elif cfg.chunk_ids not in (None, [0]):
         raise ServegenError("chunk_ids needs num_chunks > 1")
-    seeds = cfg.random_seeds if cfg.random_seeds is not None else [None]
+    seeds = list(dict.fromkeys(cfg.random_seeds)) if cfg.random_seeds is not None else [None]
+    if not seeds:
+        raise ServegenError("random_seeds is empty; give at least one seed, or null for output.jsonl")
     return [Unit(seed, chunk, cfg.num_chunks) for seed in seeds for chunk in chunks]
 
 
@@ -83,6 +88,25 @@ def summary_path(output: Path) -> Path:
 def is_done(out_dir: Path, unit: Unit) -> bool:
     """A chunk is done when its part is, or when the parts were already merged."""
     return done_marker(out_dir / unit.file_name()).exists() or done_marker(out_dir / unit.final_name()).exists()
+
+
+def merge_if_complete(out_dir: Path, unit: Unit) -> None:
+    """Merge the chunks of this unit's output if every one is done (the last to finish does it)."""
+    final = out_dir / unit.final_name()
+    parts = [out_dir / Unit(unit.seed, c, unit.num_chunks).file_name() for c in range(unit.num_chunks)]
+    part_summaries = [summary_path(p) for p in parts]
+    if merge_chunks(final, parts, before_done=lambda: merge_summaries(summary_path(final), part_summaries)):
+        for p in part_summaries:  # only now: a merge cut short is done again from them
+            p.unlink(missing_ok=True)
+        print(f"servegen: merged {len(parts)} chunks into {final}", file=sys.stderr, flush=True)
+
+
+def merge_finished(out_dir: Path, units: list[Unit]) -> None:
+    """Merge outputs whose chunks are all done but were never merged (a run killed between its
+    last chunk's .done and the merge)."""
+    for unit in units:
+        if unit.chunk is not None and is_done(out_dir, unit) and not done_marker(out_dir / unit.final_name()).exists():
+            merge_if_complete(out_dir, unit)
 
 
 def forget_outputs(out_dir: Path, units: list[Unit]) -> None:
@@ -110,6 +134,7 @@ class CoLocatedServer:
         self.starts = 0
         self.process = None
         self.address = None
+        self.log_path = None
 
     def start(self) -> None:
         port = free_port()
@@ -118,9 +143,9 @@ class CoLocatedServer:
             port=port, args=split_args(self.cfg.args),
         )
         self.starts += 1
-        log_path = self.log_dir / f"{self.cfg.server_type}-server-{self.starts}.log"
-        print(f"servegen: starting {self.cfg.server_type} server (log {log_path})", file=sys.stderr, flush=True)
-        self.process = start_server_here(spec, self.cluster, log_path, f"{self.cfg.server_type} server")
+        self.log_path = self.log_dir / f"{self.cfg.server_type}-server-{self.starts}.log"
+        print(f"servegen: starting {self.cfg.server_type} server (log {self.log_path})", file=sys.stderr, flush=True)
+        self.process = start_server_here(spec, self.cluster, self.log_path, f"{self.cfg.server_type} server")
         self.process.wait_ready(self.cfg.ready_timeout)
         self.address = f"http://127.0.0.1:{port}"
         print(f"servegen: server ready at {self.address}", file=sys.stderr, flush=True)
@@ -130,8 +155,11 @@ class CoLocatedServer:
 
     def restart(self, why: str) -> None:
         if self.starts > self.cfg.max_restarts:
-            raise ServerError(f"{why}; it was restarted {self.cfg.max_restarts} times already (server.max_restarts)")
-        print(f"servegen: {why}; restarting it", file=sys.stderr, flush=True)
+            raise ServerError(
+                f"{why} (log {self.log_path}); it was restarted {self.starts - 1} time(s) already, "
+                "as many as ++server.max_restarts allows"
+            )
+        print(f"servegen: {why} (log {self.log_path}); restarting it", file=sys.stderr, flush=True)
         self.process.stop()
         self.start()
 
@@ -153,6 +181,11 @@ class Job:
         self.out_dir = Path(cfg.output_dir)
         self.units = units_of(cfg)
         self.prompt = get_prompt(cfg.prompt_config, cfg.prompt_template, examples_type=cfg.examples_type)
+        if cfg.server.address is None and not cfg.server.model:
+            raise ServegenError("give ++server.model (a server started in this job) or ++server.address")
+        # the other mistakes in the config fail here, before a server starts or a Slurm job queues
+        self._client(cfg.server.address or "http://127.0.0.1")
+        Plan(None, self._params(self.units[0]))
         self.server: CoLocatedServer | None = None
 
     def run(self) -> int:
@@ -160,6 +193,7 @@ class Job:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if cfg.rerun_done:
             forget_outputs(self.out_dir, self.units)
+        merge_finished(self.out_dir, self.units)
         todo = [u for u in self.units if not is_done(self.out_dir, u)]
         if not todo:
             print(f"servegen: every output of this job is done in {self.out_dir}", file=sys.stderr)
@@ -168,8 +202,6 @@ class Job:
         if cfg.max_samples >= 0:
             total = min(total, cfg.max_samples)
         if cfg.server.address is None:
-            if not cfg.server.model:
-                raise ServegenError("give ++server.model (a server started in this job) or ++server.address")
             self.server = CoLocatedServer(cfg, Path(cfg.log_dir or self.out_dir / "logs"))
         try:
             if self.server is not None:
@@ -181,18 +213,17 @@ class Job:
                 self.server.stop()
         return 0
 
-    def _client(self):
+    def _client(self, address: str):
         cfg = self.cfg
-        if self.server is not None:
-            address = self.server.address
-            # engines that serve the model under its path; the others say their name in /v1/models
-            model = cfg.server.model if cfg.server.server_type == "hf" else None
-        else:
-            address, model = cfg.server.address, cfg.server.model
-        kwargs = {"timeout": cfg.inference.timeout} if cfg.inference.timeout else {}
+        model = cfg.server.model
+        if cfg.server.address is None and cfg.server.server_type != "hf":
+            model = None  # the job's own server says the name it serves in /v1/models (hf: the model's path)
+        inf = cfg.inference
+        kwargs = {"timeout": inf.timeout} if inf.timeout else {}
         return get_model(
             cfg.server.server_type, base_url=address, model=model,
-            max_concurrent_requests=cfg.max_concurrent_requests, soft_fail=cfg.soft_fail, **kwargs,
+            max_concurrent_requests=cfg.max_concurrent_requests, soft_fail=cfg.soft_fail,
+            max_retries=inf.max_retries, retry_backoff=inf.retry_backoff, max_backoff=inf.max_backoff, **kwargs,
         )
 
     def _run_unit(self, unit: Unit, total: int) -> None:
@@ -204,14 +235,11 @@ class Job:
                 break
             except ServerDied as e:
                 self.server.restart(str(e))
+        # the summary first: whoever sees the .done (a merging chunk, the user) finds it
         write_summary(path, stats)
+        done_marker(path).write_text("")
         if unit.chunk is not None:
-            final = self.out_dir / unit.final_name()
-            parts = [self.out_dir / Unit(unit.seed, c, unit.num_chunks).file_name() for c in range(unit.num_chunks)]
-            part_summaries = [summary_path(p) for p in parts]
-            if merge_chunks(final, parts):
-                merge_summaries(summary_path(final), part_summaries)
-                print(f"servegen: merged {len(parts)} chunks into {final}", file=sys.stderr)
+            merge_if_complete(self.out_dir, unit)
 
     def _params(self, unit: Unit) -> dict:
         inf = self.cfg.inference
@@ -237,25 +265,40 @@ class Job:
         cfg = self.cfg
         writer = OrderedWriter(path, first_index=start)
         already = writer.resume()
+        if writer.next_index > stop:
+            writer.close(complete=False)
+            raise ServegenError(
+                f"{path} has more rows than rows {start}..{stop - 1} of {self.input}: did the input change? "
+                "(--rerun_done starts over)"
+            )
         window = WINDOW_PER_REQUEST * cfg.max_concurrent_requests
-        in_flight: dict[int, tuple[int, dict, float]] = {}  # position in the stream -> (row, data, start)
+        # position in the request stream -> (row index, line number, row, start time)
+        in_flight: dict[int, tuple[int, int, dict, float]] = {}
         moved = asyncio.Event()
         bad_input: list[str] = []
 
         async def prompts():
+            # done rows are skipped unparsed; the first bad line stops the reading, and the rows
+            # before it finish and are saved before the error is raised
+            rows = read_rows(self.input, start, stop, skip=writer.is_done)
             position = 0
-            for index, line_number, row in read_rows(self.input, start, stop):
-                if writer.is_done(index):
-                    continue
-                while index - writer.next_index >= window:
-                    moved.clear()
-                    await moved.wait()
+            while True:
+                try:
+                    index, line_number, row = next(rows)
+                except StopIteration:
+                    return
+                except ServegenError as e:  # the message names the file and line
+                    bad_input.append(str(e))
+                    return
                 try:
                     prompt = self._build(row)
                 except ServegenError as e:
                     bad_input.append(f"{self.input}:{line_number}: {e}")
                     return
-                in_flight[position] = (index, row, time.monotonic())
+                while index - writer.next_index >= window:
+                    moved.clear()
+                    await moved.wait()
+                in_flight[position] = (index, line_number, row, time.monotonic())
                 position += 1
                 yield prompt
 
@@ -264,20 +307,38 @@ class Job:
             total=stop - start, initial=already, unit="row", file=sys.stderr, dynamic_ncols=True,
             desc=unit.file_name(), mininterval=1 if sys.stderr.isatty() else 30,
         )
-        client = self._client()
+        client = self._client(self.server.address if self.server is not None else cfg.server.address)
+
+        def server_died() -> bool:
+            return self.server is not None and not self.server.alive()
 
         async def consume():
-            async for position, result in client.generate_iter_async(prompts(), **self._params(unit)):
-                index, row, started = in_flight.pop(position)
-                if "error" in result and self.server is not None and not self.server.alive():
-                    raise ServerDied("the server died")  # its requests are redone after the restart
-                out = {**row, **{k: v for k, v in result.items() if k != "generation"}}
-                out[cfg.generation_key] = result["generation"]
-                writer.add(index, out)
-                moved.set()
-                stats.add(time.monotonic() - started, result.get("num_generated_tokens") or 0, "error" in result)
-                bar.update(1)
-                bar.set_postfix_str(f"{stats.tokens / max(stats.elapsed(), 1e-9):.0f} tok/s", refresh=False)
+            try:
+                async with contextlib.aclosing(client.generate_iter_async(prompts(), **self._params(unit))) as results:
+                    async for position, result in results:
+                        handle(position, result)
+            except InferenceError as e:  # ++soft_fail=false
+                if server_died():
+                    raise ServerDied("the server died") from None
+                if e.index not in in_flight:
+                    raise
+                line_number = in_flight[e.index][1]
+                raise ServegenError(
+                    f"{self.input}:{line_number}: {str(e).removeprefix(f'prompt {e.index}: ')} "
+                    "(with ++soft_fail=true a failed request gives a row with an `error` field)"
+                ) from None
+
+        def handle(position: int, result: dict) -> None:
+            index, _, row, started = in_flight.pop(position)
+            if "error" in result and server_died():
+                raise ServerDied("the server died")  # its requests are redone after the restart
+            out = {**row, **{k: v for k, v in result.items() if k != "generation"}}
+            out[cfg.generation_key] = result["generation"]
+            writer.add(index, out)
+            moved.set()
+            stats.add(time.monotonic() - started, result.get("num_generated_tokens") or 0, "error" in result)
+            bar.update(1)
+            bar.set_postfix_str(f"{stats.tokens / max(stats.elapsed(), 1e-9):.0f} tok/s", refresh=False)
 
         async def watch():
             while True:
@@ -288,6 +349,7 @@ class Job:
         tasks = [asyncio.ensure_future(consume())]
         if self.server is not None:
             tasks.append(asyncio.ensure_future(watch()))
+        complete = False
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
             for task in done:
@@ -302,12 +364,15 @@ class Job:
             writer.close(complete=complete)
         if bad_input:
             raise ServegenError(bad_input[0] + " (rows before it are saved; fix the line and run again)")
+        if not complete:  # never marked done: a run again resumes
+            raise RuntimeError(f"the requests ended but {path} lacks rows from {writer.next_index}")
         return stats.as_dict()
 
 
 class RunStats:
     def __init__(self):
         self.started = time.monotonic()
+        self.started_at = time.time()
         self.rows = 0
         self.failed = 0
         self.tokens = 0
@@ -329,6 +394,8 @@ class RunStats:
             "failed_rows_in_run": self.failed,
             "generated_tokens_in_run": self.tokens,
             "wall_time_s": round(wall, 3),
+            "started_at": round(self.started_at, 3),  # unix time: merged chunks' wall time spans them
+            "finished_at": round(self.started_at + wall, 3),
             "rows_per_s": round(self.rows / wall, 2) if wall else None,
             "tokens_per_s": round(self.tokens / wall, 2) if wall else None,
             "latency_histogram": self.histogram,
@@ -371,15 +438,20 @@ def merge_summaries(target: Path, parts: list[Path]) -> None:
     for key in ("rows", "failed_rows", "generated_tokens", "rows_in_run", "failed_rows_in_run",
                 "generated_tokens_in_run"):
         merged[key] = sum(s.get(key, 0) for s in loaded)
-    merged["wall_time_s"] = max((s["wall_time_s"] for s in loaded), default=0.0)  # chunks run side by side
+    # chunks run side by side (a Slurm array) or one after the other: the wall time spans them all
+    started = min((s["started_at"] for s in loaded), default=0.0)
+    finished = max((s["finished_at"] for s in loaded), default=0.0)
+    wall = finished - started
+    merged["wall_time_s"] = round(wall, 3)
+    merged["started_at"], merged["finished_at"] = started, finished
+    merged["rows_per_s"] = round(merged["rows_in_run"] / wall, 2) if wall > 0 else None
+    merged["tokens_per_s"] = round(merged["generated_tokens_in_run"] / wall, 2) if wall > 0 else None
     histogram = [0] * (len(BUCKETS) + 1)
     for s in loaded:
         for i, count in s["latency_histogram"].items():
             histogram[int(i)] += count
     merged["latency_histogram"] = histogram
     target.write_text(json.dumps(_with_percentiles(merged), indent=2) + "\n")
-    for p in parts:
-        p.unlink(missing_ok=True)
 
 
 def _with_percentiles(summary: dict) -> dict:

@@ -9,15 +9,15 @@ import sys
 from pathlib import Path
 
 from servegen.cluster.config import ClusterConfig, load_cluster_config
-from servegen.cluster.jobs import JobSpec, local_commands_text, run_local
+from servegen.cluster.jobs import JobFailed, JobSpec, local_commands_text, run_local
 from servegen.errors import ServegenError
-from servegen.generation.config import GenerationConfig, build_config, to_overrides
-from servegen.generation.job import Unit, forget_outputs, is_done, units_of
+from servegen.generation.config import GenerationConfig, build_config, parse_overrides, to_overrides
+from servegen.generation.job import Job, Unit, forget_outputs, is_done, merge_finished
 from servegen.pipeline.common import add_server_flags, parse_time_limit, run_main, stop_on_signals
 from servegen.server.command import split_args
 
 # sampling suited to drawing several independent answers; the user's ++inference.* still win
-SEED_SAMPLING = ["++inference.temperature=0.7", "++inference.top_p=0.95"]
+SEED_SAMPLING = {"temperature": 0.7, "top_p": 0.95}
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
@@ -63,10 +63,11 @@ def _generate(argv: list[str] | None) -> int:
     cluster = load_cluster_config(args.cluster, args.config_dir)
     seeds = _seeds(args)
     cfg = _job_config(args, cluster, seeds, overrides)
-    units = units_of(cfg)
-    log_dir = Path(args.log_dir or Path(args.output_dir) / "logs")
-    if args.rerun_done and not args.dry_run:
-        # here, not in the jobs: a requeued or follow-up job must keep what its first run wrote
+    units = Job(cfg).units  # checks the whole config here, before anything runs or queues
+    log_dir = Path(cfg.log_dir)
+    # here, not in the jobs: a requeued or follow-up job must keep what its first run wrote
+    rerun_done, cfg.rerun_done = args.rerun_done or cfg.rerun_done, False
+    if rerun_done and not args.dry_run:
         forget_outputs(Path(cfg.output_dir), units)
 
     if cluster.executor == "local":
@@ -76,13 +77,20 @@ def _generate(argv: list[str] | None) -> int:
         if args.dry_run:
             print(local_commands_text(job), end="")
             return 0
-        with stop_on_signals():
-            run_local(job)
+        try:
+            with stop_on_signals():
+                run_local(job)
+        except JobFailed as e:
+            if e.code < 0:  # killed by a signal: it could not say why
+                raise
+            return e.code  # the job printed its own one-line error
         return 0
 
     from servegen.cluster import slurm
 
-    todo = units if args.rerun_done else [u for u in units if not is_done(Path(cfg.output_dir), u)]
+    if not args.dry_run:
+        merge_finished(Path(cfg.output_dir), units)
+    todo = units if rerun_done else [u for u in units if not is_done(Path(cfg.output_dir), u)]
     if not todo:
         print(f"servegen: every output is already done in {args.output_dir}; --rerun_done runs it again")
         return 0
@@ -123,12 +131,16 @@ def _generate(argv: list[str] | None) -> int:
 
 
 def _follow_up(job: JobSpec, i: int) -> JobSpec:
-    return JobSpec(**{**job.__dict__, "name": f"{job.name}-dependent{i}", "dependencies": []})
+    from servegen.cluster.slurm import follow_up_name  # --run_after finds follow-ups by this name
+
+    return JobSpec(**{**job.__dict__, "name": follow_up_name(job.name, i), "dependencies": []})
 
 
 def _seeds(args) -> list[int] | None:
-    if args.random_seeds and args.num_random_seeds:
+    if args.random_seeds and args.num_random_seeds is not None:
         raise ServegenError("give --random_seeds or --num_random_seeds, not both")
+    if args.starting_seed and args.num_random_seeds is None:
+        raise ServegenError("--starting_seed is the first seed of --num_random_seeds; give that too")
     if args.random_seeds:
         return _int_list(args.random_seeds, "--random_seeds")
     if args.num_random_seeds is not None:
@@ -151,12 +163,18 @@ def _int_list(text: str, flag: str) -> list[int]:
 
 
 def _job_config(args, cluster: ClusterConfig, seeds: list[int] | None, overrides: list[str]) -> GenerationConfig:
-    if args.server_address and args.server_gpus:
-        raise ServegenError("--server_address uses a running server; --server_gpus is for a server started here")
-    if not args.server_address and not (args.model and args.server_gpus is not None):
+    if args.server_address:
+        started_here = {"--server_gpus": args.server_gpus is not None, "--server_nodes": args.server_nodes != 1,
+                        "--server_args": bool(args.server_args), "--server_port": args.server_port is not None,
+                        "--server_host": args.server_host is not None}
+        for flag, given in started_here.items():
+            if given:
+                raise ServegenError(f"--server_address uses a running server; {flag} is for a server started here")
+    elif not (args.model and args.server_gpus is not None):
         raise ServegenError("give --model, --server_type and --server_gpus to start a server, or --server_address")
-    if args.server_address and args.server_port:
-        raise ServegenError("--server_port is for a server started here; put the port in --server_address")
+    elif args.server_port is not None or args.server_host is not None:
+        raise ServegenError("the job's own server listens on a free port of 127.0.0.1; "
+                            "--server_port and --server_host are for start_server")
     base = [f"++input_file={_abs(args.input_file)}", f"++output_dir={_abs(args.output_dir)}",
             f"++cluster={cluster.path.resolve()}", f"++num_chunks={args.num_chunks}"]
     cfg = build_config(base)
@@ -171,7 +189,12 @@ def _job_config(args, cluster: ClusterConfig, seeds: list[int] | None, overrides
         cfg.chunk_ids = _int_list(args.chunk_ids, "--chunk_ids")
     cfg.random_seeds = seeds
     cfg.log_dir = str(_abs(args.log_dir or Path(args.output_dir) / "logs"))
-    cfg = build_config((SEED_SAMPLING if seeds else []) + overrides, base=cfg)
+    cfg = build_config(overrides, base=cfg)
+    if cfg.random_seeds:
+        given = {key for key, _ in parse_overrides(overrides)}
+        for key, value in SEED_SAMPLING.items():
+            if f"inference.{key}" not in given:
+                setattr(cfg.inference, key, value)
     if not Path(cfg.input_file).is_file():
         raise ServegenError(f"--input_file {args.input_file} does not exist")
     return cfg

@@ -25,8 +25,8 @@ def test_rows_come_out_in_input_order_whatever_the_finish_order(tmp_path):
         writer.add(i, {"i": i})
     writer.close(complete=True)
     assert [r["i"] for r in rows_of(out)] == list(range(200))
-    assert done_marker(out).exists()
     assert not writer.side_path.exists()
+    assert not done_marker(out).exists()  # the job marks it done once its summary is written
 
 
 def test_finished_rows_are_on_disk_at_once(tmp_path):
@@ -38,8 +38,39 @@ def test_finished_rows_are_on_disk_at_once(tmp_path):
     writer.add(3, {"i": 3})
     # without closing (as if killed now): the output prefix and the side file hold every finished row
     assert [r["i"] for r in rows_of(out)] == [0, 1]
-    assert 3 in [r["_servegen_row"] for r in rows_of(writer.side_path)]
+    assert [(r["_servegen_row"], r["row"]) for r in rows_of(writer.side_path)] == [(3, {"i": 3})]
     assert not done_marker(out).exists()
+
+
+def test_the_side_file_is_emptied_when_its_rows_reach_the_output(tmp_path):
+    out = tmp_path / "output.jsonl"
+    writer = OrderedWriter(out)
+    writer.resume()
+    for i in [2, 1]:
+        writer.add(i, {"i": i})
+    assert len(rows_of(writer.side_path)) == 2
+    writer.add(0, {"i": 0})  # 0, 1, 2 all in the output now
+    assert writer.side_path.read_text() == ""
+    writer.add(4, {"i": 4})
+    assert [r["_servegen_row"] for r in rows_of(writer.side_path)] == [4]
+    # a run killed before the side file was emptied: records already in the output are ignored
+    with open(writer.side_path, "a") as f:
+        f.write(json.dumps({"_servegen_row": 1, "row": {"i": 1}}) + "\n")
+    again = OrderedWriter(out)
+    assert again.resume() == 4
+    assert [i for i in range(6) if not again.is_done(i)] == [3, 5]
+
+
+def test_a_row_with_the_side_files_own_key_keeps_it(tmp_path):
+    out = tmp_path / "output.jsonl"
+    writer = OrderedWriter(out)
+    writer.resume()
+    writer.add(1, {"_servegen_row": "mine", "i": 1})
+    again = OrderedWriter(out)
+    again.resume()
+    again.add(0, {"i": 0})
+    again.close(complete=True)
+    assert rows_of(out) == [{"i": 0}, {"_servegen_row": "mine", "i": 1}]
 
 
 def test_resume_after_a_cut_mid_line_gives_every_row_once(tmp_path):
@@ -88,6 +119,9 @@ def test_read_rows_and_count(tmp_path):
     data.write_text('{"a": 0}\n\n{"a": 1}\n{"a": 2}\n{"a": 3}')
     assert count_rows(data) == 4
     assert [(i, n, r["a"]) for i, n, r in read_rows(data, 1, 3)] == [(1, 3, 1), (2, 4, 2)]
+    # skipped rows (done ones) are not even parsed: a bad line among them is no error
+    data.write_text('{"a": 0}\nnot json\n{"a": 2}\n')
+    assert [i for i, _, _ in read_rows(data, skip=lambda i: i == 1)] == [0, 2]
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,154 @@
+"""What the generation job tests share: datasets, the job's files read back, `servegen generate`
+run as a real process, and the fault-injecting stub server with per-prompt delays, held prompts
+and prompts that always fail."""
+
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "inference"))
+
+from stub_server import StubServer  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class JobStub(StubServer):
+    """The stub server, plus: `delays[key]` seconds before answering that prompt, `held` prompts
+    that get no answer until `release()`, `failing` prompts answered 500 every time, and
+    `finished`: the prompt keys in the order their answers were sent."""
+
+    def __init__(self):
+        super().__init__()
+        self.delays: dict[str, float] = {}
+        self.held: set[str] = set()
+        self.failing: set[str] = set()
+        self.finished: list[str] = []
+        self.released = threading.Event()
+
+    def reset(self) -> None:
+        super().reset()
+        self.delays.clear()
+        self.held.clear()
+        self.failing.clear()
+        self.finished.clear()
+        self.released.clear()
+
+    def release(self) -> None:
+        self.released.set()
+
+    def total_requests(self) -> int:
+        return sum(self.requests.values())
+
+    async def _answer(self, request, key, fault, payload):
+        if key in self.failing:
+            fault = "500"
+        delay = self.delays.get(key, 0.0)
+        if delay or key in self.held:
+            self.in_flight += 1  # a held or delayed request is in flight too
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            try:
+                await asyncio.sleep(delay)
+                while key in self.held and not self.released.is_set():
+                    await asyncio.sleep(0.005)
+            finally:
+                self.in_flight -= 1
+        response = await super()._answer(request, key, fault, payload)
+        self.finished.append(key)
+        return response
+
+
+def write_dataset(path: Path, n: int, start: int = 0) -> list[dict]:
+    """Rows with a `question` (the stub's prompt key: q<i>) and fields the job must keep as they are."""
+    rows = [
+        {"id": i, "question": f"q{i}", "meta": {"tags": ["a", i], "score": i / 4, "none": None}, "text": "ünïcødé ✓"}
+        for i in range(start, start + n)
+    ]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return rows
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def complete_lines(path: Path) -> list[str]:
+    """The newline-terminated lines of a file (a kill may leave a half-written last one)."""
+    if not path.exists():
+        return []
+    text = path.read_text(encoding="utf-8", errors="replace")
+    return text.split("\n")[:-1]
+
+
+def done_ids(out: Path) -> set[int]:
+    """The ids of the rows a (killed) run finished: in the output or in its side file."""
+    ids = {json.loads(line)["id"] for line in complete_lines(out)}
+    side = out.with_name(out.name + ".unordered")
+    ids |= {json.loads(line)["row"]["id"] for line in complete_lines(side)}
+    return ids
+
+
+def generate_argv(input_file: Path, output_dir: Path, *args: str, address: str | None = None) -> list[str]:
+    argv = [sys.executable, "-m", "servegen.pipeline.generate", "--input_file", str(input_file),
+            "--output_dir", str(output_dir)]
+    if address:
+        argv += ["--server_address", address]
+    return argv + list(args)
+
+
+def run_generate(input_file: Path, output_dir: Path, *args: str, address: str | None = None,
+                 expect_rc: int = 0, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m servegen.pipeline.generate ...` to the end; its exit code must be `expect_rc`."""
+    argv = generate_argv(input_file, output_dir, *args, address=address)
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=output_dir.parent,
+                          env={**os.environ, **(env or {})})
+    assert done.returncode == expect_rc, (
+        f"exit code {done.returncode}, expected {expect_rc}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr[-5000:]}"
+    )
+    return done
+
+
+def start_generate(input_file: Path, output_dir: Path, *args: str, address: str | None = None,
+                   env: dict | None = None) -> subprocess.Popen:
+    """The same, in the background, in a session of its own (so that killpg reaches the job too)."""
+    argv = generate_argv(input_file, output_dir, *args, address=address)
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=output_dir.parent,
+                            start_new_session=True, env={**os.environ, **(env or {})})
+
+
+@contextlib.contextmanager
+def generating(input_file: Path, output_dir: Path, *args: str, address: str | None = None, env: dict | None = None):
+    """start_generate, and kill -9 whatever of it still runs when the block ends (a failed test)."""
+    job = start_generate(input_file, output_dir, *args, address=address, env=env)
+    try:
+        yield job
+    finally:
+        if job.poll() is None:
+            kill_group(job)
+
+
+def wait_for(condition, timeout: float, what: str, proc: subprocess.Popen | None = None, poll: float = 0.01) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            out, err = proc.communicate()
+            raise AssertionError(f"the job ended (code {proc.returncode}) before {what}\n{err[-5000:]}")
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(poll)
+
+
+def kill_group(proc: subprocess.Popen, sig: int = signal.SIGKILL) -> None:
+    """kill -9 the pipeline and the job it runs, at once."""
+    os.killpg(proc.pid, sig)
+    proc.communicate(timeout=60)
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("error:")]

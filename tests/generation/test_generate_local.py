@@ -1,0 +1,553 @@
+"""`servegen generate` on this machine, as real processes against the fault-injecting stub server
+(--server_address): output rows and order, .done and summary, kill -9 and resume exactly once,
+chunks and merge, seeds, reruns, bad input lines, failed requests, config mistakes, the bound on
+rows in memory, and the --dry_run commands and sbatch scripts (golden files)."""
+
+import collections
+import json
+import os
+import random
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from job_helpers import (
+    REPO,
+    JobStub,
+    complete_lines,
+    done_ids,
+    error_lines,
+    generating,
+    kill_group,
+    read_jsonl,
+    run_generate,
+    wait_for,
+    write_dataset,
+)
+
+from servegen.errors import ServerError
+from servegen.generation import job as job_module
+from servegen.generation.config import build_config
+from servegen.generation.job import WINDOW_PER_REQUEST, units_of
+from servegen.pipeline import generate
+
+SLURM_CONFIG = Path(__file__).parent / "configs" / "gen-slurm.yaml"
+
+
+@pytest.fixture(scope="module")
+def stub_server():
+    server = JobStub().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def stub(stub_server):
+    s = stub_server
+    s.mode, s.delay_s, s.keep_bodies = "ok", 0.0, True
+    s.replies.clear()
+    s.reset()
+    return s
+
+
+def expected(row: dict) -> dict:
+    """What the job writes for an input row: the stub answers "reply to <question>" (3 tokens)."""
+    return {**row, "num_generated_tokens": 3, "finish_reason": "stop", "generation": f"reply to {row['question']}"}
+
+
+def once_each(rows) -> collections.Counter:
+    return collections.Counter(r["question"] for r in rows)
+
+
+def settle(stub: JobStub) -> None:
+    """Wait until a killed job's last requests have reached the stub and been answered."""
+    last = -1
+    while stub.total_requests() != last or stub.in_flight:
+        last = stub.total_requests()
+        time.sleep(0.3)
+
+
+def summary_of(out: Path, name: str = "output") -> dict:
+    return json.loads((out / f"{name}.summary.json").read_text())
+
+
+def test_rows_keep_their_fields_in_input_order_with_done_marker_and_summary(stub, tmp_path):
+    data = tmp_path / "data.jsonl"
+    rows = write_dataset(data, 60)
+    rng = random.Random(1)
+    for r in rows:  # answers in a shuffled order
+        stub.delays[r["question"]] = rng.uniform(0.0, 0.1)
+    out = tmp_path / "out"
+    servegen = Path(sys.executable).parent / "servegen"
+    started = time.monotonic()
+    done = subprocess.run(
+        [servegen, "generate", "--input_file", data, "--output_dir", out, "--server_address", stub.base_url,
+         "++max_concurrent_requests=16"],
+        capture_output=True, text=True, timeout=120,
+    )
+    took = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+
+    assert stub.finished != [r["question"] for r in rows], "the stub should have answered out of order"
+    output = out / "output.jsonl"
+    written = read_jsonl(output)
+    assert written == [expected(r) for r in rows]
+    assert list(written[0]) == [*rows[0], "num_generated_tokens", "finish_reason", "generation"]
+    assert stub.requests == once_each(rows)
+    assert stub.max_in_flight <= 16
+    assert (out / "output.jsonl.done").exists()
+    assert not (out / "output.jsonl.unordered").exists()
+
+    summary = summary_of(out)
+    assert summary["output"] == "output.jsonl"
+    assert (summary["rows"], summary["failed_rows"], summary["generated_tokens"]) == (60, 0, 180)
+    assert (summary["rows_in_run"], summary["failed_rows_in_run"], summary["generated_tokens_in_run"]) == (60, 0, 180)
+    assert 0.1 <= summary["wall_time_s"] <= took
+    assert summary["tokens_per_s"] == pytest.approx(180 / summary["wall_time_s"], rel=0.01)
+    assert summary["rows_per_s"] == pytest.approx(60 / summary["wall_time_s"], rel=0.01)
+    latency = summary["latency_s"]
+    # delays are uniform in [0, 0.1] s (plus the machine's own time, which only adds)
+    assert 0.03 <= latency["p50"] <= latency["p90"] <= latency["p99"] <= summary["wall_time_s"] * 1.1
+    assert latency["p90"] >= 0.08
+    assert sum(summary["latency_histogram"].values()) == 60
+
+
+@pytest.mark.parametrize("how", ["kill -9", "kill -9, half-written last lines", "SIGTERM"])
+def test_a_killed_job_run_again_gives_the_same_file_and_resends_only_rows_not_done(stub, tmp_path, how):
+    data = tmp_path / "data.jsonl"
+    rows = write_dataset(data, 400)
+    rng = random.Random(2)
+    delays = {r["question"]: rng.uniform(0.0, 0.03) for r in rows}  # out of order: the side file is used
+    args = ["++max_concurrent_requests=8"]
+    reference = tmp_path / "reference"
+    stub.delays.update(delays)
+    run_generate(data, reference, *args, address=stub.base_url)
+
+    stub.reset()
+    stub.delays.update(delays)
+    out = tmp_path / "out"
+    output = out / "output.jsonl"
+    with generating(data, out, *args, address=stub.base_url) as job:
+        wait_for(lambda: len(complete_lines(output)) >= 80, 60, "80 rows in the output", job)
+        if how == "SIGTERM":  # what Slurm sends at a time limit or preemption: stop cleanly
+            job.send_signal(signal.SIGTERM)
+            _, err = job.communicate(timeout=90)
+            assert job.returncode == 130, err
+        else:
+            kill_group(job)
+    settle(stub)
+    finished = done_ids(output)
+    assert 80 <= len(finished) < 400, "the kill should land mid-run"
+    assert not (out / "output.jsonl.done").exists()
+    if how == "kill -9, half-written last lines":
+        with open(output, "a") as f:
+            f.write('{"id": 1234, "question": "q12')
+        with open(out / "output.jsonl.unordered", "a") as f:
+            f.write('{"_servegen_row": 399, "row": {"id": 39')
+
+    stub.reset()
+    stub.delays.update(delays)
+    run_generate(data, out, *args, address=stub.base_url)
+    assert output.read_bytes() == (reference / "output.jsonl").read_bytes()
+    assert [r["id"] for r in read_jsonl(output)] == list(range(400))  # every row once, no gap
+    assert stub.requests == once_each(r for r in rows if r["id"] not in finished)
+    assert (out / "output.jsonl.done").exists()
+    assert not (out / "output.jsonl.unordered").exists()
+    summary = summary_of(out)
+    assert (summary["rows"], summary["rows_in_run"], summary["generated_tokens"]) == (400, 400 - len(finished), 1200)
+
+
+def test_chunks_run_as_one_job_here_and_merge_into_the_same_file(stub, tmp_path):
+    data = tmp_path / "data.jsonl"
+    rows = write_dataset(data, 100)
+    run_generate(data, tmp_path / "reference", address=stub.base_url)
+    stub.reset()
+
+    out = tmp_path / "out"
+    done = run_generate(data, out, "--num_chunks", "3", address=stub.base_url)
+    assert (out / "output.jsonl").read_bytes() == (tmp_path / "reference" / "output.jsonl").read_bytes()
+    assert stub.requests == once_each(rows)
+    assert sorted(p.name for p in out.iterdir()) == ["output.jsonl", "output.jsonl.done", "output.summary.json"]
+    assert "merged 3 chunks" in done.stderr
+    summary = summary_of(out)
+    assert (summary["chunks"], summary["rows"], summary["rows_in_run"], summary["generated_tokens"]) == (3, 100, 100, 300)
+    assert summary["wall_time_s"] > 0 and summary["tokens_per_s"] > 0
+    assert summary["latency_s"]["p50"] <= summary["latency_s"]["p99"]
+
+
+def test_some_chunks_then_the_rest_the_last_one_merges(stub, tmp_path):
+    data = tmp_path / "data.jsonl"
+    rows = write_dataset(data, 100)
+    chunk = {0: rows[0:33], 1: rows[33:66], 2: rows[66:100]}  # contiguous: c * 100 // 3 ...
+    out = tmp_path / "out"
+
+    run_generate(data, out, "--num_chunks", "3", "--chunk_ids", "0,2", address=stub.base_url)
+    assert stub.requests == once_each(chunk[0] + chunk[2])
+    assert not (out / "output.jsonl").exists()
+    for c in (0, 2):
+        part = out / f"output_chunk{c}.jsonl"
+        assert read_jsonl(part) == [expected(r) for r in chunk[c]]
+        assert (out / f"output_chunk{c}.jsonl.done").exists()
+
+    stub.reset()
+    run_generate(data, out, "--num_chunks", "3", "--chunk_ids", "1", address=stub.base_url)
+    assert stub.requests == once_each(chunk[1])
+    assert read_jsonl(out / "output.jsonl") == [expected(r) for r in rows]
+    assert sorted(p.name for p in out.iterdir()) == ["output.jsonl", "output.jsonl.done", "output.summary.json"]
+    summary = summary_of(out)
+    assert (summary["chunks"], summary["rows"], summary["rows_in_run"]) == (3, 100, 100)
+
+    stub.reset()
+    run_generate(data, out, "--num_chunks", "3", address=stub.base_url)  # all merged: nothing to do
+    assert stub.total_requests() == 0
+
+
+def test_a_run_killed_between_its_chunks_done_marker_and_the_merge_merges_when_run_again(stub, tmp_path):
+    data = tmp_path / "data.jsonl"
+    rows = write_dataset(data, 30)
+    out = tmp_path / "out"
+    run_generate(data, out, "--num_chunks", "2", "--chunk_ids", "0", address=stub.base_url)
+    run_generate(data, tmp_path / "other", "--num_chunks", "2", "--chunk_ids", "1", address=stub.base_url)
+    for name in ("output_chunk1.jsonl", "output_chunk1.jsonl.done", "output_chunk1.summary.json"):
+        os.replace(tmp_path / "other" / name, out / name)  # both parts done, never merged
+    stub.reset()
+    run_generate(data, out, "--num_chunks", "2", address=stub.base_url)
+    assert stub.total_requests() == 0
+    assert read_jsonl(out / "output.jsonl") == [expected(r) for r in rows]
+    assert (out / "output.jsonl.done").exists()
+
+
+def test_seeds_write_one_file_each_with_sampling_defaults(stub, tmp_path):
+    data = tmp_path / "data.jsonl"
+    rows = write_dataset(data, 20)
+    out = tmp_path / "out"
+    run_generate(data, out, "--num_random_seeds", "2", "--num_chunks", "2", address=stub.base_url)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "output-rs0.jsonl", "output-rs0.jsonl.done", "output-rs0.summary.json",
+        "output-rs1.jsonl", "output-rs1.jsonl.done", "output-rs1.summary.json",
+    ]  # fmt: skip
+    for seed in (0, 1):
+        assert read_jsonl(out / f"output-rs{seed}.jsonl") == [expected(r) for r in rows]
+    sent = collections.Counter((b["messages"][-1]["content"], b["seed"]) for b in stub.bodies)
+    assert sent == collections.Counter({(r["question"], seed): 1 for r in rows for seed in (0, 1)})
+    assert {(b["temperature"], b["top_p"]) for b in stub.bodies} == {(0.7, 0.95)}
+
+    stub.reset()
+    out = tmp_path / "out2"
+    run_generate(data, out, "--random_seeds", "0,5,7", "++inference.temperature=0.3", address=stub.base_url)
+    assert sorted(p.name for p in out.glob("*.jsonl")) == ["output-rs0.jsonl", "output-rs5.jsonl", "output-rs7.jsonl"]
+    assert collections.Counter(b["seed"] for b in stub.bodies) == {0: 20, 5: 20, 7: 20}
+    assert {(b["temperature"], b["top_p"]) for b in stub.bodies} == {(0.3, 0.95)}
+
+    stub.reset()
+    run_generate(data, tmp_path / "out3", "++random_seeds=[3]", "++inference.top_p=0.5", address=stub.base_url)
+    assert {(b["seed"], b["temperature"], b["top_p"]) for b in stub.bodies} == {(3, 0.7, 0.5)}
+
+    stub.reset()
+    run_generate(data, tmp_path / "out4", address=stub.base_url)  # no seeds: greedy, no seed sent
+    assert {(b.get("seed"), b["temperature"]) for b in stub.bodies} == {(None, 0.0)}
+
+
+def test_a_finished_job_sends_nothing_and_rerun_done_runs_it_again(stub, tmp_path):
+    data = tmp_path / "data.jsonl"
+    rows = write_dataset(data, 25)
+    out = tmp_path / "out"
+    output = out / "output.jsonl"
+    run_generate(data, out, address=stub.base_url)
+    before = (output.read_bytes(), output.stat().st_mtime_ns)
+
+    stub.reset()
+    done = run_generate(data, out, address=stub.base_url)
+    assert stub.total_requests() == 0
+    assert "every output of this job is done" in done.stderr
+    assert (output.read_bytes(), output.stat().st_mtime_ns) == before
+
+    stub.reset()
+    run_generate(data, out, "--rerun_done", address=stub.base_url)
+    assert stub.requests == once_each(rows)
+    assert output.read_bytes() == before[0]
+    assert (out / "output.jsonl.done").exists()
+
+
+BAD_LINES = {
+    "malformed JSON": (b'{"id": 40, "question": "q40", "meta": ', "not valid JSON"),
+    "missing field": (b'{"id": 40, "text": "no question here"}', "needs field 'question'"),
+    "non-UTF-8": (b'{"id": 40, "question": "q40 \xff\xfe"}', "not valid UTF-8"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_LINES))
+def test_a_bad_input_line_is_one_error_naming_it_and_the_rows_before_it_are_kept(stub, tmp_path, kind):
+    data = tmp_path / "data.jsonl"
+    rows = write_dataset(data, 80)
+    lines = data.read_bytes().split(b"\n")[:-1]
+    lines.insert(10, b"")  # a blank line: not a row, but it counts as a line; row 40 is on line 42
+    bad, what = BAD_LINES[kind]
+    good = lines[41]
+    lines[41] = bad
+    data.write_bytes(b"\n".join(lines) + b"\n")
+    out = tmp_path / "out"
+    output = out / "output.jsonl"
+
+    done = run_generate(data, out, "++max_concurrent_requests=4", address=stub.base_url, expect_rc=2)
+    assert error_lines(done.stderr) == [done.stderr.strip().splitlines()[-1]]
+    message = error_lines(done.stderr)[0]
+    assert message.startswith(f"error: {data}:42: ") and what in message, message
+    assert "Traceback" not in done.stderr
+    assert stub.requests == once_each(rows[:40])  # nothing for the bad row or after it
+    assert read_jsonl(output) == [expected(r) for r in rows[:40]]  # the rows before it, saved in order
+    assert not (out / "output.jsonl.done").exists()
+
+    lines[41] = good
+    data.write_bytes(b"\n".join(lines) + b"\n")
+    stub.reset()
+    run_generate(data, out, "++max_concurrent_requests=4", address=stub.base_url)
+    assert stub.requests == once_each(rows[40:])
+    assert read_jsonl(output) == [expected(r) for r in rows]
+    assert (out / "output.jsonl.done").exists()
+
+
+def test_requests_that_fail_for_good_give_rows_with_an_error_counted_in_the_summary(stub, tmp_path):
+    data = tmp_path / "data.jsonl"
+    rows = write_dataset(data, 20)
+    stub.failing = {"q3", "q7"}
+    retries = ["++inference.max_retries=1", "++inference.retry_backoff=0.01", "++max_concurrent_requests=4"]
+    out = tmp_path / "out"
+    run_generate(data, out, *retries, address=stub.base_url)
+    written = read_jsonl(out / "output.jsonl")
+    assert [r["id"] for r in written] == list(range(20))
+    for r in written:
+        if r["question"] in stub.failing:
+            assert (r["generation"], r["finish_reason"], r["num_generated_tokens"]) == (None, "error", 0)
+            assert "failed 2 times" in r["error"] and "HTTP 500" in r["error"], r["error"]
+            assert stub.requests[r["question"]] == 2  # one try and one retry
+        else:
+            assert r == expected(rows[r["id"]])
+    summary = summary_of(out)
+    assert (summary["rows"], summary["failed_rows"], summary["generated_tokens"]) == (20, 2, 18 * 3)
+    assert summary["failed_rows_in_run"] == 2
+    assert (out / "output.jsonl.done").exists()
+
+    # ++soft_fail=false: the job stops at the first failure, naming its input line
+    out = tmp_path / "strict"
+    done = run_generate(data, out, *retries, "++soft_fail=false", address=stub.base_url, expect_rc=2)
+    [message] = error_lines(done.stderr)
+    assert message.startswith((f"error: {data}:4: ", f"error: {data}:8: ")) and "HTTP 500" in message, message
+    assert not (out / "output.jsonl.done").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["++inference.temprature=0.5"], "override inference.temprature=0.5: no such key in the generation config"),
+        (["++bogus=1"], "override bogus=1: no such key"),
+        (["++max_concurrent_requests=many"], "override max_concurrent_requests='many'"),
+        (["++max_concurrent_requests=0"], "max_concurrent_requests must be an integer >= 1"),
+        (["++inference.temperature=-1"], "temperature must be a number >= 0"),
+        (["++prompt_template=no-such-template"], "unknown prompt template 'no-such-template'"),
+        (["--server_gpus", "1"], "--server_address uses a running server; --server_gpus"),
+        (["--server_nodes", "2"], "--server_address uses a running server; --server_nodes"),
+        (["--random_seeds", "0,1", "--num_random_seeds", "2"], "give --random_seeds or --num_random_seeds, not both"),
+        (["--starting_seed", "3"], "--starting_seed is the first seed of --num_random_seeds"),
+        (["--random_seeds", "a,b"], "--random_seeds must look like 0,3,5 or 0-2"),
+        (["--chunk_ids", "1"], "chunk_ids needs num_chunks > 1"),
+        (["--num_chunks", "3", "--chunk_ids", "1,3"], "chunk ids [3] are outside 0..2"),
+        (["--num_chunks", "0"], "num_chunks must be 1 or more"),
+        (["--dependent_jobs", "1"], "--dependent_jobs and --run_after need a Slurm cluster"),
+    ],
+)
+def test_config_mistakes_and_bad_flag_combinations_are_one_clear_error(stub, tmp_path, capsys, args, message):
+    data = tmp_path / "data.jsonl"
+    write_dataset(data, 3)
+    argv = ["--input_file", str(data), "--output_dir", str(tmp_path / "out"), "--server_address", stub.base_url]
+    assert generate.main(argv + args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert stub.total_requests() == 0
+
+
+def test_a_mistake_is_one_line_from_the_command_too(stub, tmp_path):
+    data = tmp_path / "data.jsonl"
+    write_dataset(data, 3)
+    done = run_generate(data, tmp_path / "out", "++inference.temprature=0.5", address=stub.base_url, expect_rc=2)
+    assert done.stderr == "error: override inference.temprature=0.5: no such key in the generation config " \
+                          "(see docs/generation.md)\n"
+    done = run_generate(data, tmp_path / "out", expect_rc=2)  # no server at all
+    assert done.stderr.startswith("error: give --model, --server_type and --server_gpus to start a server")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("concurrency, n", [(4, 500), (256, 4000)])
+def test_dispatch_stops_a_window_past_a_row_that_does_not_finish(stub, tmp_path, concurrency, n):
+    data = tmp_path / "data.jsonl"
+    rows = write_dataset(data, n)
+    window = WINDOW_PER_REQUEST * concurrency
+    stub.held.add("q0")
+    out = tmp_path / "out"
+    side = out / "output.jsonl.unordered"
+    with generating(data, out, f"++max_concurrent_requests={concurrency}", address=stub.base_url) as job:
+        try:
+            wait_for(lambda: len(complete_lines(side)) >= window - 1, 60, "the rows after the held one", job)
+            time.sleep(0.5)  # a dispatcher that ignored the window would send more meanwhile
+            assert stub.total_requests() == window
+            assert stub.requests == once_each(rows[:window])
+            assert stub.in_flight == 1
+            assert complete_lines(out / "output.jsonl") == []  # row 0 is not done: nothing in order yet
+            assert not (out / "output.jsonl.done").exists()
+        finally:
+            stub.release()
+        _, err = job.communicate(timeout=120)
+    assert job.returncode == 0, err
+    assert stub.requests == once_each(rows)
+    assert stub.max_in_flight <= concurrency
+    assert read_jsonl(out / "output.jsonl") == [expected(r) for r in rows]
+    assert not side.exists()
+
+
+DRY_RUNS = {
+    "local-single-job.txt": [
+        "--model", "/models/llama-3-8b-instruct", "--server_type", "vllm", "--server_gpus", "1",
+        "++prompt_template=llama3-instruct", "++inference.tokens_to_generate=1024",
+    ],
+    "slurm-single-job-8-gpus.txt": [
+        "--cluster", str(SLURM_CONFIG), "--model", "/models/llama-3-70b-instruct", "--server_type", "vllm",
+        "--server_gpus", "8", "--server_args", "--max-model-len 8192", "++prompt_template=llama3-instruct",
+        "++stop_phrases=[\"</answer>\"]",
+    ],
+    "slurm-2-node-server.txt": [
+        "--cluster", str(SLURM_CONFIG), "--model", "/models/deepseek-v3", "--server_type", "sglang",
+        "--server_gpus", "8", "--server_nodes", "2", "--expname", "dsv3", "++max_concurrent_requests=1024",
+    ],
+    "slurm-4-chunk-array.txt": [
+        "--cluster", str(SLURM_CONFIG), "--model", "/models/llama-3-8b-instruct", "--server_type", "vllm",
+        "--server_gpus", "1", "--num_chunks", "4", "--partition", "debug",
+    ],
+    "slurm-3-seeds-2-chunks.txt": [
+        "--cluster", str(SLURM_CONFIG), "--model", "/models/qwen", "--server_type", "vllm", "--server_gpus", "2",
+        "--num_random_seeds", "3", "--num_chunks", "2", "++prompt_template=qwen",
+    ],
+    "slurm-dependent-jobs.txt": [
+        "--cluster", str(SLURM_CONFIG), "--server_address", "http://inference-host:8000", "--model", "served-name",
+        "--dependent_jobs", "2", "--time_limit", "02:00:00", "--time_min", "01:00:00",
+    ],
+}
+
+
+TASKS = {  # (seed, chunk) of each Slurm task, job after job
+    "slurm-single-job-8-gpus.txt": [(None, None)],
+    "slurm-2-node-server.txt": [(None, None)],
+    "slurm-4-chunk-array.txt": [(None, c) for c in range(4)],
+    "slurm-3-seeds-2-chunks.txt": [(seed, c) for seed in range(3) for c in range(2)],
+    "slurm-dependent-jobs.txt": [(None, None)] * 3,
+}
+
+
+@pytest.mark.parametrize("name", list(DRY_RUNS))
+def test_dry_run_prints_the_commands_and_sbatch_scripts(name, tmp_path, monkeypatch, capsys, golden):
+    for var in ("SERVEGEN_CONFIG_DIR", "HF_HOME", "HF_TOKEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "data.jsonl"
+    write_dataset(data, 10)
+    out = tmp_path / "out"
+    assert generate.main(["--input_file", str(data), "--output_dir", str(out), *DRY_RUNS[name], "--dry_run"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    text = captured.out.replace(sys.executable, "<python>").replace(str(tmp_path), "<tmp>").replace(str(REPO), "<repo>")
+    golden(name, text)
+    assert not out.exists()  # a dry run writes nothing
+
+    if name in TASKS:  # the job config each Slurm task rebuilds from its ++overrides: one output each
+        runs = [shlex.split(line.split(" runs: ", 1)[1]) for line in captured.out.splitlines() if line.startswith("# task ")]
+        units = [units_of(build_config([a for a in argv if a.startswith("++")])) for argv in runs]
+        assert [(u.seed, u.chunk) for [u] in units] == TASKS[name]
+
+
+class StandInServer:
+    """A co-located 'server' for the restart tests: a `sleep` process standing in front of the stub
+    (which answers the requests); killing it is the server dying."""
+
+    def __init__(self, started: list):
+        self.proc = subprocess.Popen(["sleep", "600"])
+        started.append(self)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        pass
+
+    def stop(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def test_the_job_restarts_its_server_when_it_dies_and_gives_up_after_max_restarts(stub, tmp_path, monkeypatch):
+    started: list[StandInServer] = []
+    monkeypatch.setattr(job_module, "start_server_here", lambda spec, cluster, log_path, name: StandInServer(started))
+    monkeypatch.setattr(job_module, "free_port", lambda: stub.port)
+    data = tmp_path / "data.jsonl"
+    rows = write_dataset(data, 40)
+    out = tmp_path / "out"
+    output = out / "output.jsonl"
+    stub.held.add("q5")  # in flight when the server dies
+    overrides = [f"++input_file={data}", f"++output_dir={out}", "++server.model=stub-model", "++max_concurrent_requests=4"]
+    errors = []
+
+    def run(extra):
+        try:
+            job_module.Job(build_config(overrides + extra)).run()
+        except Exception as e:  # noqa: BLE001 - the test looks at it
+            errors.append(e)
+
+    thread = threading.Thread(target=run, args=(["++server.max_restarts=1"],))
+    thread.start()
+    window = WINDOW_PER_REQUEST * 4
+    # dispatch stops a window past the held row: rows 0-4 in the output, 6..5+window-1 in the side file
+    wait_for(lambda: done_ids(output) == set(range(5 + window)) - {5}, 60, "every row the window lets through")
+    started[0].proc.kill()
+    wait_for(lambda: stub.requests["q5"] == 2, 60, "the held row sent again to the restarted server")
+    stub.release()
+    thread.join(60)
+    assert not errors and len(started) == 2
+    assert read_jsonl(output) == [expected(r) for r in rows]
+    assert stub.requests == once_each(rows) + collections.Counter(["q5"])  # done rows were not sent again
+    assert all(s.proc.poll() is not None for s in started)  # each stopped
+
+    # a server that dies once more than ++server.max_restarts allows ends the job, rows kept
+    stub.reset()
+    stub.held.add("q5")
+    started.clear()
+    out = tmp_path / "out2"
+    overrides[1] = f"++output_dir={out}"
+    thread = threading.Thread(target=run, args=(["++server.max_restarts=1"],))
+    thread.start()
+    for kill in range(2):
+        wait_for(lambda: stub.requests["q5"] == kill + 1 and len(started) == kill + 1, 60, f"start {kill + 1}")
+        started[kill].proc.kill()
+    thread.join(60)
+    assert len(started) == 2
+    [error] = errors
+    assert isinstance(error, ServerError)
+    assert str(error) == (f"the server exited with code -9 (log {out}/logs/vllm-server-2.log); "
+                          "it was restarted 1 time(s) already, as many as ++server.max_restarts allows")
+    assert [r["id"] for r in read_jsonl(out / "output.jsonl")] == [0, 1, 2, 3, 4]
+    assert not (out / "output.jsonl.done").exists()
+    stub.release()
+
+
+def test_an_output_longer_than_the_input_is_an_error_not_a_done_file(stub, tmp_path):
+    data = tmp_path / "data.jsonl"
+    rows = write_dataset(data, 8)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "output.jsonl").write_text("".join(json.dumps(expected(r)) + "\n" for r in rows))
+    write_dataset(data, 5)  # the input changed under an unfinished output
+    done = run_generate(data, out, address=stub.base_url, expect_rc=2)
+    assert error_lines(done.stderr) == [
+        f"error: {out}/output.jsonl has more rows than rows 0..4 of {data}: did the input change? (--rerun_done starts over)"
+    ]
+    assert stub.total_requests() == 0
+    assert not (out / "output.jsonl.done").exists()

@@ -1,0 +1,101 @@
+"""`servegen generate` with the real vLLM CPU server on the demo model: the whole path (JSONL in,
+llama3-instruct prompt strings to /v1/completions, answers checked), and a co-located server
+killed with SIGKILL mid-job, which the job restarts and carries on from the rows not done."""
+
+import json
+import time
+
+import psutil
+import pytest
+from job_helpers import complete_lines, generating, read_jsonl, run_generate, wait_for
+
+from servegen.demo_model.data import expected_reply, format_question, held_out_pairs
+
+pytestmark = pytest.mark.vllm
+
+PROMPT = ["++prompt_config=generic/default", "++prompt_template=llama3-instruct", "++inference.tokens_to_generate=24"]
+
+
+def arithmetic_dataset(path, n: int) -> list[dict]:
+    """n questions on the held-out pairs (never seen in training), the three wordings mixed."""
+    pairs = held_out_pairs()
+    rows = []
+    for i in range(n):
+        a, b = pairs[i % len(pairs)]
+        wording = (i + i // len(pairs)) % 3
+        rows.append({"id": i, "a": a, "b": b, "wording": wording, "question": format_question(a, b, wording)})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
+def check_answers(written: list[dict], rows: list[dict]) -> None:
+    assert [r["id"] for r in written] == [r["id"] for r in rows]  # every row once, in order
+    for out, row in zip(written, rows):
+        assert {k: out[k] for k in row} == row
+        assert "error" not in out, out
+    wrong = [(r["question"], r["generation"]) for r in written if r["generation"].strip() != expected_reply(r["a"], r["b"])]
+    assert len(wrong) <= 0.05 * len(rows), f"{len(wrong)} wrong answers of {len(rows)}, e.g. {wrong[:5]}"
+    assert {r["wording"] for r in rows} == {0, 1, 2}
+
+
+def test_an_arithmetic_dataset_through_the_real_server_gets_the_answers(vllm_server, tmp_path):
+    data = tmp_path / "arithmetic.jsonl"
+    rows = arithmetic_dataset(data, 200)
+    out = tmp_path / "out"
+    run_generate(data, out, *PROMPT, address=vllm_server.base_url, timeout=600)
+    written = read_jsonl(out / "output.jsonl")
+    check_answers(written, rows)
+    right = [r for r in written if r["generation"].strip() == expected_reply(r["a"], r["b"])]
+    assert all(r["finish_reason"] == "stop" and 0 < r["num_generated_tokens"] < 24 for r in right)
+    summary = json.loads((out / "output.summary.json").read_text())
+    assert (summary["rows"], summary["failed_rows"]) == (200, 0)
+    assert summary["generated_tokens"] == sum(r["num_generated_tokens"] for r in written)
+    assert summary["tokens_per_s"] > 0 and summary["latency_s"]["p50"] > 0
+    assert (out / "output.jsonl.done").exists()
+
+
+def api_server_of(job_pid: int) -> psutil.Process:
+    """The vLLM API server among the job's descendants (its engine processes are its children)."""
+    servers = [
+        p for p in psutil.Process(job_pid).children(recursive=True)
+        if "vllm.entrypoints.openai.api_server" in " ".join(p.cmdline())
+    ]  # fmt: skip
+    pids = {p.pid for p in servers}
+    [top] = [p for p in servers if p.ppid() not in pids]
+    return top
+
+
+def test_a_killed_co_located_server_is_restarted_and_the_job_finishes_every_row_once(demo_model, tmp_path):
+    data = tmp_path / "arithmetic.jsonl"
+    rows = arithmetic_dataset(data, 600)  # at 2 requests at a time: long enough to kill the server mid-job
+    out = tmp_path / "out"
+    output = out / "output.jsonl"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    with generating(
+        data, out, "--model", str(demo_model), "--server_type", "vllm", "--server_gpus", "0",
+        "--server_args", "--max-model-len 512", *PROMPT, "++max_concurrent_requests=2",
+        env={"VLLM_CACHE_ROOT": str(scratch / "cache"), "TMPDIR": str(scratch)},
+    ) as job:  # fmt: skip
+        wait_for(lambda: len(complete_lines(output)) >= 20, 600, "20 rows from the first server", job, poll=0.1)
+        server = api_server_of(job.pid)
+        first_tree = [server, *server.children(recursive=True)]
+        rows_before = len(complete_lines(output))
+        server.kill()
+        _, err = job.communicate(timeout=900)
+    assert job.returncode == 0, err[-5000:]
+    assert rows_before < 600
+
+    assert "the server exited with code -9" in err and "restarting it" in err, err[-5000:]
+    assert err.count("servegen: starting vllm server") == 2
+    assert (out / "logs" / "vllm-server-1.log").exists() and (out / "logs" / "vllm-server-2.log").exists()
+    check_answers(read_jsonl(output), rows)
+    summary = json.loads((out / "output.summary.json").read_text())
+    assert (summary["rows"], summary["failed_rows"]) == (600, 0)
+    assert (out / "output.jsonl.done").exists()
+
+    # nothing of the killed server, or of the job and its second server, is left running
+    deadline = time.monotonic() + 30
+    while any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in first_tree):
+        assert time.monotonic() < deadline, [p for p in first_tree if p.is_running()]
+        time.sleep(0.5)
