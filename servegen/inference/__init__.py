@@ -1,0 +1,106 @@
+"""Clients for every server type: `get_model(server_type, ...)` and `Runner` for scripts.
+See docs/clients.md."""
+
+import os
+import urllib.parse
+
+from servegen.errors import ServegenError
+from servegen.inference.client import Client
+from servegen.inference.errors import (
+    ContextLengthError,
+    InferenceError,
+    InvalidOutput,
+    RequestRejected,
+    RetriesExhausted,
+)
+from servegen.inference.nemo import MegatronClient, NemoClient
+from servegen.inference.openai_compat import HFClient, OpenAIClient, SGLangClient, TRTLLMClient, VLLMClient
+from servegen.inference.runner import Runner
+
+CLIENTS = {
+    "vllm": VLLMClient,
+    "sglang": SGLangClient,
+    "trtllm": TRTLLMClient,
+    "nemo": NemoClient,
+    "megatron": MegatronClient,
+    "hf": HFClient,
+    "openai": OpenAIClient,
+}
+OPENAI_URL = "https://api.openai.com/v1"
+
+__all__ = [
+    "CLIENTS",
+    "Client",
+    "ContextLengthError",
+    "InferenceError",
+    "InvalidOutput",
+    "RequestRejected",
+    "RetriesExhausted",
+    "Runner",
+    "get_model",
+]
+
+
+def get_model(
+    server_type: str = "vllm",
+    host: str | None = None,
+    port: int | None = None,
+    base_url: str | None = None,
+    model: str | None = None,
+    api_key: str | None = None,
+    *,
+    max_concurrent_requests: int = 1024,
+    max_retries: int = 5,
+    timeout: float = 1800.0,
+    retry_backoff: float = 0.5,
+    max_backoff: float = 60.0,
+    max_output_retries: int = 2,
+    soft_fail: bool = False,
+    transport: str | None = None,
+    structured_decoding: bool = False,
+) -> Client:
+    """A client for a model server.
+
+    Where: base_url (e.g. "http://node7:8000" or "https://integrate.api.nvidia.com/v1"), else
+    http://{host}:{port} (default 127.0.0.1:5000); server_type "openai" with neither goes to
+    api.openai.com. model: the served model name; None asks /v1/models (OpenAI-protocol servers).
+    api_key: for "openai", default $NVIDIA_API_KEY for *.nvidia.com hosts, else $OPENAI_API_KEY,
+    else $NVIDIA_API_KEY. It is sent as a Bearer token and never shown.
+    max_concurrent_requests: requests in flight at most. max_retries, retry_backoff,
+    max_backoff: see docs/clients.md. timeout: seconds per attempt. max_output_retries: extra
+    attempts when a typed output does not validate. soft_fail: failed prompts give rows with an
+    `error` field instead of raising (each call can override it). transport: "fast" (servegen's
+    own HTTP/1.1, plain http only) or "aiohttp"; default picks fast for http:// without a proxy.
+    structured_decoding (trtllm only): the server was started with a guided decoding backend.
+    """
+    cls = CLIENTS.get(server_type)
+    if cls is None:
+        raise ServegenError(f"server_type must be one of {', '.join(CLIENTS)}, got {server_type!r}")
+    if base_url is None:
+        if server_type == "openai" and host is None and port is None:
+            base_url = OPENAI_URL
+        else:
+            base_url = f"http://{host or '127.0.0.1'}:{port or 5000}"
+    elif host is not None or port is not None:
+        raise ServegenError("pass base_url= or host=/port=, not both")
+    if api_key is None and server_type == "openai":
+        hostname = urllib.parse.urlsplit(base_url).hostname or ""
+        names = ["NVIDIA_API_KEY", "OPENAI_API_KEY"] if hostname.endswith("nvidia.com") else ["OPENAI_API_KEY", "NVIDIA_API_KEY"]
+        api_key = next((os.environ[n] for n in names if os.environ.get(n)), None)
+    extra = {"structured_decoding": structured_decoding} if server_type == "trtllm" else {}
+    if structured_decoding and server_type != "trtllm":
+        raise ServegenError("structured_decoding= is for server_type trtllm; the others know whether they constrain output")
+    return cls(
+        base_url,
+        model,
+        api_key,
+        max_concurrent_requests=max_concurrent_requests,
+        max_retries=max_retries,
+        timeout=timeout,
+        retry_backoff=retry_backoff,
+        max_backoff=max_backoff,
+        max_output_retries=max_output_retries,
+        soft_fail=soft_fail,
+        transport=transport,
+        **extra,
+    )

@@ -1,0 +1,44 @@
+"""What a request to a model server can end in, other than a result.
+
+Every message is one line that says what happened and what to do. None of them ever carries the
+API key: messages are built from the status code and the server's own error text only, and the
+key is masked out of that text too (see `redact`).
+"""
+
+from servegen.errors import ServegenError
+
+
+class InferenceError(ServegenError):
+    """A request that did not give a usable result. `index` is the prompt's position in its call."""
+
+    def __init__(self, message: str, index: int | None = None):
+        super().__init__(message)
+        self.index = index
+
+
+class RequestRejected(InferenceError):
+    """The server answered 4xx (other than 429): the request itself is wrong; retrying cannot help."""
+
+    def __init__(self, message: str, status: int, index: int | None = None):
+        super().__init__(message, index)
+        self.status = status
+
+
+class ContextLengthError(RequestRejected):
+    """The prompt plus tokens_to_generate does not fit the model's context window."""
+
+
+class RetriesExhausted(InferenceError):
+    """Connection errors, timeouts, 429s, 5xx or malformed bodies on every attempt."""
+
+
+class InvalidOutput(InferenceError):
+    """A typed output that did not parse or validate on any attempt. `generation` is the last text."""
+
+    def __init__(self, message: str, generation: str | None, index: int | None = None):
+        super().__init__(message, index)
+        self.generation = generation
+
+
+def redact(text: str, secret: str | None) -> str:
+    return text.replace(secret, "***") if secret else text

@@ -1,0 +1,231 @@
+"""Servers that speak the OpenAI protocol (/v1/completions, /v1/chat/completions, /v1/models),
+each with its own extras. What each one is sent, per parameter:
+
+| parameter | openai | vllm | sglang | trtllm | hf (transformers serve) |
+| --- | --- | --- | --- | --- | --- |
+| top_k (off) | sent only if set | top_k (-1) | top_k (-1) | top_k (0) | generation_config.top_k (0) when sampling |
+| min_p | sent only if set | min_p | min_p | min_p | generation_config.min_p if set |
+| repetition_penalty | sent only if set | repetition_penalty | repetition_penalty | repetition_penalty | generation_config if set |
+| random_seed | seed | seed | seed | seed | seed |
+| stop_phrases | stop (first 4) | stop | stop | stop | stop |
+| remove_stop_phrases=False | - | include_stop_str_in_output | no_stop_trim | include_stop_str_in_output | - |
+| typed output, chat | response_format json_schema | response_format json_schema | response_format json_schema | response_format json (*) | - |
+| typed output, completions | - | structured_outputs.json | json_schema (a string) | response_format json (*) | - |
+| string prompts | - | add_special_tokens=false | (**) | add_special_tokens=false | (**) |
+
+"-": not sent; typed outputs are then validated and retried on the client only. Every server type
+validates typed outputs on the client, constrained or not.
+(*) only with get_model(..., structured_decoding=True): trtllm-serve constrains output only
+when it was started with a guided decoding backend.
+(**) SGLang and transformers serve have no switch: they tokenize a string prompt with the
+tokenizer's defaults, so with a tokenizer that adds BOS, a prompt that already starts with BOS
+gets two. vLLM and trtllm-serve add special tokens only when told to (add_special_tokens,
+default true), which we turn off: the string is the exact model input. (Even told to, vLLM adds
+a BOS only if the tokenizer's post-processor does, as Llama 3's does.)
+extra_body={"add_special_tokens": True} turns it back on.
+transformers serve rejects fields it does not know (ignore_eos, top_k, ...), so its extras go
+in its own `generation_config` field, a JSON string, sent only for sampling (temperature > 0:
+do_sample, which temperature alone does not switch on for a model whose generation_config lacks
+it, and top_k, else its default 50) or for min_p / repetition_penalty.
+"""
+
+import json
+from typing import Any
+
+from servegen.errors import ServegenError
+from servegen.inference.client import Client
+from servegen.inference.params import Params
+
+OPENAI_MAX_STOP = 4  # the hosted API's limit; the rest are trimmed on the client
+
+
+class OpenAIClient(Client):
+    """Any OpenAI-compatible API (api.openai.com, NVIDIA NIM, ...): only standard fields unless
+    a parameter is set away from its default."""
+
+    server_type = "openai"
+    top_k_off = -1
+    constrains_chat = True  # response_format json_schema on chat
+    max_stop: int | None = OPENAI_MAX_STOP
+    sends_add_special_tokens = False  # True: add_special_tokens=false with string prompts (no second BOS)
+
+    def check_prompt(self, prompt: Any, p: Params) -> None:
+        if isinstance(prompt, str):
+            return
+        if not isinstance(prompt, list) or not all(isinstance(m, dict) and "role" in m for m in prompt):
+            raise ServegenError(
+                f"a prompt must be a string or a list of chat messages ({{'role': ..., 'content': ...}}), got {_short(prompt)}"
+            )
+
+    def build_request(self, prompt: Any, p: Params, stream: bool = False) -> tuple[str, str, dict]:
+        chat = not isinstance(prompt, str)
+        if chat:
+            path, body = "/v1/chat/completions", {"model": self.model, "messages": prompt}
+        else:
+            path, body = "/v1/completions", {"model": self.model, "prompt": prompt}
+            if self.sends_add_special_tokens:
+                body["add_special_tokens"] = False
+        body["max_tokens"] = p.tokens_to_generate
+        body["temperature"] = p.temperature
+        body["top_p"] = p.top_p
+        self.add_sampling(body, p)
+        if p.random_seed is not None:
+            body["seed"] = p.random_seed
+        if p.stop_phrases:
+            body["stop"] = list(p.stop_phrases[: self.max_stop])
+            if not p.remove_stop_phrases:
+                self.add_keep_stop(body)
+        if p.top_logprobs is not None:
+            if chat:
+                body["logprobs"] = True
+                body["top_logprobs"] = p.top_logprobs
+            else:
+                body["logprobs"] = p.top_logprobs
+        if p.spec is not None:
+            self.add_structured(body, p, chat)
+        if stream:
+            body["stream"] = True
+        if p.extra_body:
+            body.update(p.extra_body)
+        return "POST", path, body
+
+    def add_sampling(self, body: dict, p: Params) -> None:
+        if p.top_k:
+            body["top_k"] = p.top_k
+        if p.min_p:
+            body["min_p"] = p.min_p
+        if p.repetition_penalty != 1.0:
+            body["repetition_penalty"] = p.repetition_penalty
+
+    def add_keep_stop(self, body: dict) -> None:
+        """Ask the server to keep the stop phrase in the text (remove_stop_phrases=False)."""
+
+    def add_structured(self, body: dict, p: Params, chat: bool) -> None:
+        if chat and self.constrains_chat:
+            body["response_format"] = _response_format(p)
+
+    def parse_response(self, data: Any, prompt: Any, p: Params) -> dict:
+        choice = data["choices"][0]
+        chat = not isinstance(prompt, str)
+        text = (choice["message"]["content"] or "") if chat else choice["text"]
+        usage = data.get("usage") or {}
+        row = {
+            "generation": text,
+            "num_generated_tokens": usage.get("completion_tokens"),
+            "finish_reason": choice.get("finish_reason"),
+        }
+        if p.top_logprobs is not None:
+            _add_logprobs(row, choice.get("logprobs"), chat, p.top_logprobs)
+            if row["num_generated_tokens"] is None:
+                row["num_generated_tokens"] = len(row["tokens"])
+        return row
+
+    def parse_stream_event(self, event: dict) -> str:
+        choices = event.get("choices") or ()
+        if not choices:
+            return ""  # e.g. the usage chunk
+        choice = choices[0]
+        if "delta" in choice:
+            return choice["delta"].get("content") or ""
+        return choice.get("text") or ""
+
+
+class VLLMClient(OpenAIClient):
+    server_type = "vllm"
+    max_stop = None
+    sends_add_special_tokens = True
+
+    def add_sampling(self, body: dict, p: Params) -> None:
+        # always explicit: vLLM otherwise applies the model's generation_config.json defaults
+        body["top_k"] = p.top_k or self.top_k_off
+        body["min_p"] = p.min_p
+        body["repetition_penalty"] = p.repetition_penalty
+
+    def add_keep_stop(self, body: dict) -> None:
+        body["include_stop_str_in_output"] = True
+
+    def add_structured(self, body: dict, p: Params, chat: bool) -> None:
+        if chat:
+            body["response_format"] = _response_format(p)
+        else:
+            # not guided_json: vLLM ignores it silently (docs/clients.md)
+            body["structured_outputs"] = {"json": p.spec.schema}
+
+
+class SGLangClient(VLLMClient):
+    server_type = "sglang"
+    sends_add_special_tokens = False
+
+    def add_keep_stop(self, body: dict) -> None:
+        body["no_stop_trim"] = True
+
+    def add_structured(self, body: dict, p: Params, chat: bool) -> None:
+        if chat:
+            body["response_format"] = _response_format(p)
+        else:
+            body["json_schema"] = json.dumps(p.spec.schema)
+
+
+class TRTLLMClient(VLLMClient):
+    server_type = "trtllm"
+    top_k_off = 0
+
+    def __init__(self, *args, structured_decoding: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.structured_decoding = structured_decoding
+
+    def add_structured(self, body: dict, p: Params, chat: bool) -> None:
+        if self.structured_decoding:
+            body["response_format"] = {"type": "json", "schema": p.spec.schema}
+
+
+class HFClient(OpenAIClient):
+    """`transformers serve`: strict about fields, no logprobs, no structured output, and its
+    /v1/models can fail (then pass model=)."""
+
+    server_type = "hf"
+    max_stop = None
+    constrains_chat = False
+
+    def check_prompt(self, prompt: Any, p: Params) -> None:
+        super().check_prompt(prompt, p)
+        if p.top_logprobs is not None:
+            raise ServegenError("transformers serve (server_type hf) returns no logprobs; drop top_logprobs")
+
+    def add_sampling(self, body: dict, p: Params) -> None:
+        # only when needed: the server builds a GenerationConfig from this field alone, without
+        # the model's eos_token_id, and with --continuous-batching such a request may then run
+        # on past the end of sequence to tokens_to_generate (docs/clients.md)
+        config: dict[str, Any] = {"do_sample": True, "top_k": p.top_k} if p.temperature > 0 else {}
+        if p.min_p:
+            config["min_p"] = p.min_p
+        if p.repetition_penalty != 1.0:
+            config["repetition_penalty"] = p.repetition_penalty
+        if config:
+            body["generation_config"] = json.dumps(config)
+
+
+def _response_format(p: Params) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": p.spec.name, "schema": p.spec.schema}}
+
+
+def _add_logprobs(row: dict, logprobs: Any, chat: bool, k: int) -> None:
+    """tokens, logprobs (of the chosen tokens) and, for k > 0, top_logprobs ({token: logprob} per
+    position), from either endpoint's format."""
+    if chat:
+        content = (logprobs or {}).get("content") or []
+        row["tokens"] = [t["token"] for t in content]
+        row["logprobs"] = [t["logprob"] for t in content]
+        if k:
+            row["top_logprobs"] = [{c["token"]: c["logprob"] for c in t.get("top_logprobs") or ()} for t in content]
+    else:
+        logprobs = logprobs or {}
+        row["tokens"] = list(logprobs.get("tokens") or [])
+        row["logprobs"] = list(logprobs.get("token_logprobs") or [])
+        if k:
+            row["top_logprobs"] = [dict(t or {}) for t in logprobs.get("top_logprobs") or []]
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:80] + "..."

@@ -1,0 +1,175 @@
+"""Faults injected by the stub server: what is retried (connection errors, timeouts, 429 with
+its Retry-After, 5xx, malformed bodies), what is not (other 4xx), and that every request ends,
+within its time bound, in exactly one result or one clear per-request error."""
+
+import socket
+import time
+
+import pytest
+
+from servegen.inference import ContextLengthError, RequestRejected, RetriesExhausted, get_model
+from servegen.inference.client import _retry_after
+
+FAST = dict(retry_backoff=0.001, max_backoff=0.01)
+
+
+def client(stub, **kwargs):
+    return get_model("vllm", base_url=stub.base_url, **{**FAST, **kwargs})
+
+
+@pytest.mark.parametrize("mode", ["500", "429", "drop", "truncate", "malformed", "chunked"])
+def test_a_fault_then_success(stub, mode):
+    stub.mode, stub.fail_first = mode, 2
+    with client(stub, max_retries=2) as llm:
+        rows = llm.generate(["a", "b"])
+    assert [r["generation"] for r in rows] == ["reply to a", "reply to b"]
+    expected = 1 if mode == "chunked" else 3
+    assert stub.requests == {"a": expected, "b": expected}
+    assert stub.answered == {"a": 1, "b": 1}
+
+
+@pytest.mark.parametrize(
+    "mode, message",
+    [
+        ("500", r"HTTP 500: injected server error"),
+        ("429", r"HTTP 429: too many requests"),
+        ("drop", r"the server closed the connection before a complete response"),
+        ("truncate", r"the server closed the connection before a complete response"),
+        ("malformed", r"unreadable 200 response \(JSONDecodeError"),
+    ],
+)
+def test_retries_are_bounded(stub, mode, message):
+    stub.mode = mode
+    with client(stub, max_retries=3) as llm:
+        with pytest.raises(RetriesExhausted, match=rf"prompt 0: POST .*/v1/completions failed 4 times; last: {message}"):
+            llm.generate(["a"])
+    # drop: the first attempt went on the keep-alive connection of GET /v1/models, and a reused
+    # connection closed with no answer is sent once more on a new one before it counts
+    assert stub.requests["a"] == (5 if mode == "drop" else 4)
+
+
+def test_429_waits_for_retry_after(stub):
+    stub.mode, stub.fail_first, stub.retry_after = "429", 1, "1"
+    with client(stub, max_backoff=5) as llm:
+        start = time.monotonic()
+        assert llm.generate(["a"])[0]["generation"] == "reply to a"
+        assert 1.0 <= time.monotonic() - start < 3.0
+    # but never longer than max_backoff, whatever the server says
+    stub.reset()
+    stub.retry_after = "3600"
+    with client(stub, max_backoff=0.2) as llm:
+        start = time.monotonic()
+        assert llm.generate(["a"])[0]["generation"] == "reply to a"
+        assert time.monotonic() - start < 2.0
+
+
+def test_retry_after_forms():
+    assert _retry_after("2") == 2.0
+    assert _retry_after("0.5") == 0.5
+    assert _retry_after(None) is None
+    assert _retry_after("soon") is None
+    assert 0 <= _retry_after("Wed, 21 Oct 2015 07:28:00 GMT") <= 0.0  # in the past: no wait
+    future = time.strftime("%a, %d %b %Y %H:%M:%S GMT", time.gmtime(time.time() + 30))
+    assert 25 < _retry_after(future) <= 30
+
+
+def test_a_stall_beyond_the_timeout_is_cut_and_retried(stub):
+    stub.mode, stub.fail_first, stub.stall_s = "stall", 1, 10
+    with client(stub, timeout=0.5) as llm:
+        start = time.monotonic()
+        assert llm.generate(["a"])[0]["generation"] == "reply to a"
+        assert time.monotonic() - start < 3
+    assert stub.requests["a"] == 2
+
+
+def test_nothing_hangs_when_a_server_never_answers(stub):
+    stub.mode, stub.stall_s = "stall", 30
+    with client(stub, timeout=0.3, max_retries=2) as llm:
+        start = time.monotonic()
+        with pytest.raises(RetriesExhausted, match=r"failed 3 times; last: timed out"):
+            llm.generate(["a"], timeout=0.3)
+        assert time.monotonic() - start < 3
+
+
+def test_connection_refused_is_retried_then_reported():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed when the block ends: nothing listens there
+    with get_model("vllm", port=port, model="m", max_retries=2, **FAST) as llm:
+        with pytest.raises(RetriesExhausted, match=rf"failed 3 times; last: cannot connect to 127.0.0.1:{port}"):
+            llm.generate(["a"])
+
+
+def test_4xx_is_not_retried_and_shows_the_servers_message(stub):
+    with client(stub) as llm:
+        with pytest.raises(ContextLengthError, match=r"prompt 1: .*HTTP 400 .* maximum context length is 512 tokens") as e:
+            llm.generate(["fine", "TOO_LONG prompt"])
+        assert e.value.index == 1 and e.value.status == 400
+        with pytest.raises(RequestRejected, match=r"HTTP 422 on /v1/completions: field required"):
+            llm.generate(["BAD_REQUEST"])
+    assert stub.requests["TOO_LONG prompt"] == 1
+    assert stub.requests["BAD_REQUEST"] == 1
+
+
+def test_soft_fail_gives_error_rows_and_keeps_the_rest(stub):
+    with client(stub, soft_fail=True) as llm:
+        rows = llm.generate(["a", "TOO_LONG", "b"])
+        assert rows[0]["generation"] == "reply to a" and rows[2]["generation"] == "reply to b"
+        assert rows[1]["generation"] is None and rows[1]["finish_reason"] == "error"
+        assert "maximum context length" in rows[1]["error"]
+        # the call's own setting wins over the client's
+        with pytest.raises(ContextLengthError):
+            llm.generate(["TOO_LONG"], soft_fail=False)
+
+
+def test_models_endpoint_failure_says_to_pass_model(stub):
+    stub.models_status = 500
+    with client(stub, max_retries=1) as llm:
+        with pytest.raises(Exception, match=r"cannot find out which model the server serves .*; pass model= to get_model"):
+            llm.generate(["a"])
+    stub.models_status = 200
+    with client(stub) as llm:
+        llm.generate(["a"])
+        assert llm.model == "stub-model"
+        assert stub.bodies[0]["model"] == "stub-model"
+
+
+def test_10000_prompts_through_random_faults_nothing_lost_or_duplicated(stub):
+    """Every prompt gets its own answer exactly once, in order, through a mix of 500s, 429s,
+    dropped and truncated connections, stalls past the timeout and malformed bodies; and the
+    server answered each prompt exactly once (the timeout is far above the stub's latency, so
+    only the injected stalls time out, and those never answer)."""
+    stub.mode, stub.fault_rate, stub.stall_s = "mix", 0.3, 8.0
+    stub.keep_bodies = False
+    n = 10_000
+    prompts = [f"p{i}" for i in range(n)]
+    with client(stub, max_retries=20, timeout=4, max_concurrent_requests=512) as llm:
+        start = time.monotonic()
+        rows = llm.generate(prompts)
+        elapsed = time.monotonic() - start
+    assert [r["generation"] for r in rows] == [f"reply to {p}" for p in prompts]
+    assert stub.answered == {p: 1 for p in prompts}  # nothing lost, nothing answered twice
+    assert sum(stub.requests.values()) > n * 1.2  # the faults did happen
+    assert elapsed < 180
+
+
+def test_every_request_ends_in_a_result_or_its_own_error(stub):
+    stub.mode, stub.fault_rate, stub.stall_s = "mix", 0.6, 6.0
+    stub.keep_bodies = False
+    n = 2000
+    # the timeout is far above the stub's latency: only the injected stalls time out
+    with client(stub, max_retries=1, timeout=2, soft_fail=True, max_concurrent_requests=256) as llm:
+        start = time.monotonic()
+        rows = llm.generate([f"p{i}" for i in range(n)])
+        elapsed = time.monotonic() - start
+    errors = [r for r in rows if "error" in r]
+    assert errors and len(errors) < n
+    for i, row in enumerate(rows):
+        if "error" in row:
+            assert row["error"].startswith(f"prompt {i}: POST ") and "failed 2 times" in row["error"]
+            assert stub.answered[f"p{i}"] == 0
+        else:
+            assert row["generation"] == f"reply to p{i}"
+            assert stub.answered[f"p{i}"] == 1
+    # each request: at most 2 attempts of at most 2 s (+ tiny backoff), 256 at a time
+    assert elapsed < 90

@@ -1,0 +1,171 @@
+"""The HTTP/1.1 layer against a raw socket server that answers byte by byte as told: split
+packets, chunked bodies with extensions and trailers, bodies that end with the connection,
+interim 100 responses, Connection: close, keep-alive reuse, connections the server closes while
+idle, big bodies, garbage. Both transports (servegen's own and aiohttp) must read them the same."""
+
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+from servegen.inference import RetriesExhausted, get_model
+
+BODY = json.dumps({"choices": [{"text": "ok", "finish_reason": "stop"}], "usage": {"completion_tokens": 1}}).encode()
+
+
+def head(extra: str = "", length: int | None = len(BODY), version: str = "1.1") -> bytes:
+    lines = [f"HTTP/{version} 200 OK", "Content-Type: application/json"]
+    if length is not None:
+        lines.append(f"Content-Length: {length}")
+    if extra:
+        lines.append(extra)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+class RawServer:
+    """Answers each request with the actions `script(connection_index, request_index)` returns:
+    bytes to send, a float to sleep, or "close"."""
+
+    def __init__(self, script):
+        self.script = script
+        self.connections = 0
+        self.requests = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.base_url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn, self.connections - 1), daemon=True).start()
+
+    def _serve(self, conn, index):
+        buf, served = b"", 0
+        with conn:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = conn.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                request_head, _, buf = buf.partition(b"\r\n\r\n")
+                length = 0
+                for line in request_head.split(b"\r\n")[1:]:
+                    name, _, value = line.partition(b":")
+                    if name.strip().lower() == b"content-length":
+                        length = int(value)
+                while len(buf) < length:
+                    buf += conn.recv(65536)
+                buf = buf[length:]
+                self.requests += 1
+                for action in self.script(index, served):
+                    if action == "close":
+                        return
+                    if isinstance(action, float):
+                        time.sleep(action)
+                    else:
+                        conn.sendall(action)
+                served += 1
+
+    def close(self):
+        self.sock.close()
+
+
+def generate(server, transport, n=1, **kwargs):
+    llm = get_model("vllm", base_url=server.base_url, model="m", transport=transport, retry_backoff=0.001, max_backoff=0.01, **kwargs)
+    try:
+        return [llm.generate([f"p{i}"])[0]["generation"] for i in range(n)]
+    finally:
+        llm.close()
+
+
+TRANSPORTS = ["fast", "aiohttp"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_split_packets(transport):
+    whole = head() + BODY
+    pieces = [whole[:7], 0.02, whole[7:30], 0.02, whole[30:-5], 0.02, whole[-5:]]
+    server = RawServer(lambda c, r: pieces)
+    assert generate(server, transport) == ["ok"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_chunked_with_extensions_and_trailers(transport):
+    a, b = BODY[:10], BODY[10:]
+    chunked = (
+        head("Transfer-Encoding: chunked", length=None)
+        + b"%x;name=value\r\n%s\r\n" % (len(a), a)
+        + b"%X\r\n%s\r\n" % (len(b), b)
+        + b"0\r\nX-Trailer: yes\r\n\r\n"
+    )
+    server = RawServer(lambda c, r: [chunked[:50], 0.02, chunked[50:]])
+    assert generate(server, transport, n=3) == ["ok"] * 3
+    assert server.connections == 1
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_body_until_close(transport):
+    server = RawServer(lambda c, r: [head(length=None, version="1.0"), BODY[:20], 0.02, BODY[20:], "close"])
+    assert generate(server, transport, n=3) == ["ok"] * 3
+    assert server.connections == 3
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_interim_100_response(transport):
+    server = RawServer(lambda c, r: [b"HTTP/1.1 100 Continue\r\n\r\n", 0.02, head() + BODY])
+    assert generate(server, transport, n=2) == ["ok"] * 2
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_connection_close_and_keep_alive(transport):
+    closing = RawServer(lambda c, r: [head("Connection: close") + BODY, "close"])
+    assert generate(closing, transport, n=5) == ["ok"] * 5
+    assert closing.connections == 5
+    keeping = RawServer(lambda c, r: [head() + BODY])
+    assert generate(keeping, transport, n=20) == ["ok"] * 20
+    assert keeping.connections == 1
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_connections_closed_while_idle_are_replaced(transport):
+    """The server closes each connection after answering, without saying so (as a keep-alive
+    timeout does): the next request must not fail, and the server sees each request once."""
+    server = RawServer(lambda c, r: [head() + BODY, 0.05, "close"])
+    llm = get_model("vllm", base_url=server.base_url, model="m", transport=transport, max_retries=0)
+    for i in range(10):
+        assert llm.generate([f"p{i}"])[0]["generation"] == "ok"
+        time.sleep(0.1)  # the close has happened by the next request
+    llm.close()
+    assert server.requests == 10
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_big_body(transport):
+    text = "x" * 2_000_000
+    big = json.dumps({"choices": [{"text": text, "finish_reason": "length"}], "usage": {"completion_tokens": 9}}).encode()
+    pieces = [head(length=len(big))] + [big[i : i + 65536] for i in range(0, len(big), 65536)]
+    server = RawServer(lambda c, r: pieces)
+    assert generate(server, transport) == [text]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_garbage_is_an_error_after_retries(transport):
+    server = RawServer(lambda c, r: [b"SSH-2.0-OpenSSH_9.6\r\n\r\n", "close"])
+    with pytest.raises(RetriesExhausted, match="failed 3 times"):
+        generate(server, transport, max_retries=2)
+    assert server.requests == 3
+
+
+def test_more_bytes_than_announced_are_dropped_with_the_connection():
+    server = RawServer(lambda c, r: [head() + BODY + b"EXTRA"])
+    assert generate(server, "fast", n=3) == ["ok"] * 3
+    assert server.connections == 3

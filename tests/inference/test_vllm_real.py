@@ -1,0 +1,127 @@
+"""The vllm client against the REAL vLLM CPU server on servegen's demo model (a tiny Llama 3
+format model trained to answer "What's A + B?" with "A + B = C."), started once per test
+session by the `vllm_server` fixture (tests/conftest.py)."""
+
+import asyncio
+
+import pydantic
+import pytest
+
+from servegen.inference import ContextLengthError, Runner, get_model
+
+pytestmark = pytest.mark.vllm
+
+RAW = (
+    "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\nWhat's 2 + 2?<|eot_id|>"
+    "<|start_header_id|>assistant<|end_header_id|>\n\n"
+)
+CHAT = [{"role": "user", "content": "What's 2 + 2?"}]
+BOUNDED = {
+    "type": "object",
+    "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 200}},
+    "required": ["answer"],
+    "additionalProperties": False,
+}
+
+
+class Answer(pydantic.BaseModel):
+    answer: int = pydantic.Field(ge=0, le=200)
+
+
+def raw(a: int, b: int) -> str:
+    return RAW.replace("2 + 2", f"{a} + {b}")
+
+
+@pytest.fixture(scope="module")
+def llm(vllm_server):
+    with get_model("vllm", base_url=vllm_server.base_url, max_concurrent_requests=64) as client:  # model: discovered
+        yield client
+
+
+def test_raw_string_and_chat_prompts(llm, vllm_server):
+    rows = llm.generate([RAW, CHAT], tokens_to_generate=20)
+    assert llm.model == vllm_server.model
+    assert [r["generation"] for r in rows] == ["2 + 2 = 4.", "2 + 2 = 4."]
+    assert [r["finish_reason"] for r in rows] == ["stop", "stop"]
+    assert all(0 < r["num_generated_tokens"] < 20 for r in rows)
+
+
+def test_many_additions_at_once(llm):
+    pairs = [(a, b) for a in range(0, 100, 7) for b in range(3, 100, 11)]
+    rows = llm.generate([raw(a, b) for a, b in pairs], tokens_to_generate=20)
+    answers = [r["generation"] for r in rows]
+    expected = [f"{a} + {b} = {a + b}." for a, b in pairs]
+    correct = sum(x == y for x, y in zip(answers, expected))
+    assert correct >= 0.95 * len(pairs), list(zip(answers, expected))
+
+
+def test_streaming_joins_to_the_generation(llm):
+    raw_pieces = list(llm.stream(RAW, tokens_to_generate=20))
+    chat_pieces = list(llm.stream(CHAT, tokens_to_generate=20))
+    assert len(raw_pieces) > 1 and "".join(raw_pieces) == "2 + 2 = 4."
+    assert "".join(chat_pieces) == "2 + 2 = 4."
+
+    async def on_my_loop():
+        async with get_model("vllm", base_url=llm.base_url, model=llm.model) as client:
+            return [p async for p in client.stream_async(CHAT, stop_phrases=" =")]
+
+    assert "".join(asyncio.run(on_my_loop())) == "2 + 2"
+
+
+def test_stop_phrases(llm):
+    removed, kept = llm.generate([RAW, CHAT], stop_phrases=" =", remove_stop_phrases=[True, False])
+    assert (removed["generation"], removed["finish_reason"]) == ("2 + 2", "stop")
+    assert (kept["generation"], kept["finish_reason"]) == ("2 + 2 =", "stop")
+
+
+def test_typed_outputs_validate(llm):
+    rows = llm.generate([RAW, CHAT, CHAT], json_schema=[BOUNDED, BOUNDED, Answer], tokens_to_generate=30)
+    assert all(0 <= row["output"]["answer"] <= 200 for row in rows[:2])
+    assert isinstance(rows[2]["output"], Answer)
+    flag = llm.generate([CHAT], output_type={"correct": "bool"}, tokens_to_generate=30)[0]
+    assert isinstance(flag["output"]["correct"], bool)
+
+
+def test_per_prompt_lists(llm):
+    rows = llm.generate([raw(2, 3), raw(10, 20)], tokens_to_generate=[20, 3], temperature=[0.0, 0.0])
+    assert rows[0]["generation"] == "2 + 3 = 5."
+    assert (rows[1]["finish_reason"], rows[1]["num_generated_tokens"]) == ("length", 3)
+    assert "10 + 20 = 30.".startswith(rows[1]["generation"])
+
+
+def test_random_seed_reproducible_at_temperature_1(llm):
+    prompts = [raw(41, 37)] * 6
+    seeds = [1, 1, 2, 2, 3, 3]
+    rows = llm.generate(prompts, temperature=1.0, top_k=50, random_seed=seeds, tokens_to_generate=12)
+    texts = [r["generation"] for r in rows]
+    assert texts[0] == texts[1] and texts[2] == texts[3] and texts[4] == texts[5]
+    again = llm.generate(prompts[:2], temperature=1.0, top_k=50, random_seed=[2, 3], tokens_to_generate=12)
+    assert [r["generation"] for r in again] == [texts[2], texts[4]]
+
+
+def test_logprobs(llm):
+    row = llm.generate([RAW], top_logprobs=2, tokens_to_generate=20)[0]
+    assert len(row["tokens"]) == len(row["logprobs"]) == len(row["top_logprobs"]) == row["num_generated_tokens"]
+    assert all(lp <= 0 for lp in row["logprobs"]) and all(len(top) <= 2 for top in row["top_logprobs"])
+    chat = llm.generate([CHAT], top_logprobs=0, tokens_to_generate=20)[0]
+    assert "".join(chat["tokens"]).startswith("2 + 2 = 4.")
+
+
+def test_context_length_overflow_is_a_clear_error(llm):
+    too_long = RAW + "1 + 1 " * 400
+    with pytest.raises(ContextLengthError, match=r"prompt 0: vllm server rejected the request: HTTP 400"):
+        llm.generate([too_long], tokens_to_generate=20)
+    row = llm.generate([too_long, RAW], tokens_to_generate=20, soft_fail=True)
+    assert row[0]["finish_reason"] == "error" and "HTTP 400" in row[0]["error"]
+    assert row[1]["generation"] == "2 + 2 = 4."
+
+
+def test_runner(vllm_server):
+    with Runner(server_type="vllm", base_url=vllm_server.base_url, template="llama3-instruct") as runner:
+        assert runner.call("What's 2 + 2?", tokens_to_generate=20) == "2 + 2 = 4."
+        assert runner.call(["What's 3 + 4?", "What's 10 + 5?"], tokens_to_generate=20) == ["3 + 4 = 7.", "10 + 5 = 15."]
+    with Runner(server_type="vllm", base_url=vllm_server.base_url) as runner:  # chat, no template
+        assert runner.call("What's 2 + 2?", tokens_to_generate=20) == "2 + 2 = 4."
+        answer = runner.call("What's 2 + 2?", json_schema=Answer, tokens_to_generate=30)
+        assert isinstance(answer, Answer)
