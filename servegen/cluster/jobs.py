@@ -7,6 +7,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +17,14 @@ from servegen.errors import ServegenError
 from servegen.server.process import die_with_parent
 
 STOP_GRACE_S = 60  # the body stops its server and closes its files on SIGTERM
+
+
+class JobFailed(ServegenError):
+    """A job command exited with an error (it has said why on its own stderr)."""
+
+    def __init__(self, code: int, argv: list[str]):
+        super().__init__(f"job command exited with code {code}: {shlex.join(argv)}")
+        self.code = code
 
 
 @dataclass
@@ -39,26 +48,27 @@ class JobCommand(submitit.helpers.Checkpointable):
     submitit calls checkpoint(), which stops the command, and requeues the job, which runs the
     command again (the bodies resume from their files)."""
 
-    def __init__(self, argv: list[str], env: dict[str, str]):
+    def __init__(self, argv: list[str], env: dict[str, str], stop_grace_s: float = STOP_GRACE_S):
         self.argv = list(argv)
         self.env = dict(env)
+        self.stop_grace_s = stop_grace_s  # on Slurm: less than the time between USR2 and the limit
         self._proc: subprocess.Popen | None = None
 
     def __getstate__(self):
-        return {"argv": self.argv, "env": self.env}
+        return {"argv": self.argv, "env": self.env, "stop_grace_s": self.stop_grace_s}
 
     def __setstate__(self, state):
-        self.__init__(state["argv"], state["env"])
+        self.__init__(state["argv"], state["env"], state["stop_grace_s"])
 
     def __call__(self) -> int:
         # several nodes: the body runs on the first; its server reaches the others with srun
         if int(os.environ.get("SLURM_PROCID", "0")) != 0:
             return 0
-        self._proc = subprocess.Popen(self.argv, env={**os.environ, **self.env}, preexec_fn=die_with_parent)
-        code = self._proc.wait()
+        proc = self._proc = subprocess.Popen(self.argv, env={**os.environ, **self.env}, preexec_fn=_child_setup)
+        code = _wait(proc)
         self._proc = None
         if code != 0:
-            raise ServegenError(f"job command exited with code {code}: {shlex.join(self.argv)}")
+            raise JobFailed(code, self.argv)
         return code
 
     def checkpoint(self, *args, **kwargs):
@@ -70,15 +80,38 @@ class JobCommand(submitit.helpers.Checkpointable):
         if proc is None or proc.poll() is not None:
             return
         proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(STOP_GRACE_S)
-        except subprocess.TimeoutExpired:
+        if _wait(proc, self.stop_grace_s) is None:
             proc.kill()
-            proc.wait()
+            _wait(proc, 10)
+
+
+def _child_setup() -> None:
+    die_with_parent()
+    # Slurm sends the job's --signal (submitit's USR2) to every process of the job step, and
+    # USR2 kills by default: the body and its server ignore it (the ignore survives exec) and
+    # stop in order on the SIGTERM that checkpoint() sends them.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
+
+
+def _wait(proc: subprocess.Popen, timeout_s: float | None = None) -> int | None:
+    """The exit code, or None after timeout_s. Polls: submitit's USR2 handler calls stop()
+    while __call__ waits, and a Popen.wait() inside another one never returns (its lock)."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while (code := proc.poll()) is None:
+        if deadline is not None and time.monotonic() > deadline:
+            return None
+        time.sleep(0.2)
+    return code
+
+
+def shell_env(env: dict[str, str]) -> list[str]:
+    """NAME=value words for a command a user reads or pastes; a value taken from the caller's own
+    environment (a bare NAME in the config's env_vars: often a token) shows as "$NAME"."""
+    return [f'{k}="${k}"' if os.environ.get(k) == v else f"{k}={shlex.quote(v)}" for k, v in env.items()]
 
 
 def local_commands_text(job: JobSpec) -> str:
-    assigns = " ".join(f"{k}={shlex.quote(v)}" for k, v in job.env.items())
+    assigns = " ".join(shell_env(job.env))
     lines = [f"# job {job.name}: {len(job.commands)} command(s), run one after the other on this machine"]
     lines += [(assigns + " " if assigns else "") + shlex.join(argv) for argv in job.commands]
     return "\n".join(lines) + "\n"

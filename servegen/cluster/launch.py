@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from servegen.cluster.config import ClusterConfig
+from servegen.cluster.jobs import shell_env
 from servegen.errors import ServegenError
 from servegen.server import build_server_command
 from servegen.server.command import ServerCommand, ServerSpec
@@ -25,7 +26,7 @@ class Launch:
 
     def shell(self) -> str:
         """The launch as one shell command a user could paste."""
-        assigns = [f"{k}={shlex.quote(v)}" for k, v in self.env.items()]
+        assigns = shell_env(self.env)
         script = self.argv[2] if self.argv[:2] == ["bash", "-c"] else None
         if script is not None and "\n" not in script and "$" not in script:
             return " ".join(assigns + [script])  # a single command needs no bash -c around it
@@ -90,8 +91,10 @@ def srun_launch(spec: ServerSpec, command: ServerCommand, cluster: ClusterConfig
             argv.append("--container-mounts=" + ",".join(m.spec() for m in cluster.mounts))
         argv.append("--no-container-mount-home")
     # Each task learns its node rank from Slurm; the head's address comes from the job body.
-    script = 'export SERVEGEN_NODE_RANK="$SLURM_NODEID"\n' + command.script
-    return Launch(argv=[*argv, "bash", "-c", script], env=env)
+    # Slurm sends submitit's USR2 to every step of the job, and USR2 kills by default: the
+    # server ignores it (as do its children after exec) and the job body stops it in order.
+    script = 'trap "" USR2\nexport SERVEGEN_NODE_RANK="$SLURM_NODEID"\n' + command.script
+    return Launch(argv=[*argv, "bash", "-c", script], env=env, our_python_first=image is None)
 
 
 def in_slurm_job() -> bool:
@@ -109,22 +112,27 @@ def head_node_address() -> str:
     return fields.get("NodeAddr", nodes[0])
 
 
-def start_server_here(spec: ServerSpec, cluster: ClusterConfig, log_path: Path, name: str) -> ServerProcess:
-    """Start a server from inside a job: with srun across the allocation inside a Slurm job when
-    it spans several nodes, runs a task per GPU or runs in a container (pyxis), else as a child process here (or a
-    docker container outside Slurm). The caller waits for it to be ready."""
-    command = build_server_command(spec)
+def job_launch(spec: ServerSpec, command: ServerCommand, cluster: ClusterConfig, in_slurm: bool) -> Launch:
+    """How a job starts its server: inside a Slurm job, an srun step across the allocation when
+    the server spans several nodes, runs a task per GPU or runs in a container (pyxis); else a
+    child process here (or a docker container outside Slurm)."""
     needs_srun = spec.nodes > 1 or command.tasks_per_node > 1 or cluster.container_for(spec.server_type)
-    if in_slurm_job() and needs_srun:
-        launch = srun_launch(spec, command, cluster)
-        env = {
-            **launch.full_env(),
-            "SERVEGEN_NUM_NODES": str(spec.nodes),
-            "SERVEGEN_HEAD_HOST": head_node_address() if spec.nodes > 1 else "127.0.0.1",
-        }
-    else:
-        launch = local_launch(spec, command, cluster)
-        env = launch.full_env()
+    if in_slurm and needs_srun:
+        return srun_launch(spec, command, cluster)
+    return local_launch(spec, command, cluster)
+
+
+def start_server_here(
+    spec: ServerSpec, cluster: ClusterConfig, log_path: Path, name: str, command: ServerCommand | None = None
+) -> ServerProcess:
+    """Start a server from inside a job (see job_launch); the command is the engine's for `spec`
+    unless given. The caller waits for it to be ready."""
+    command = command or build_server_command(spec)
+    launch = job_launch(spec, command, cluster, in_slurm_job())
+    env = launch.full_env()
+    if launch.argv[0] == "srun":
+        env["SERVEGEN_NUM_NODES"] = str(spec.nodes)
+        env["SERVEGEN_HEAD_HOST"] = head_node_address() if spec.nodes > 1 else "127.0.0.1"
     connect = "127.0.0.1" if spec.host in ("0.0.0.0", "") else spec.host
     return ServerProcess(
         launch.argv, env, log_path, f"http://{connect}:{spec.port}{command.health_path}",

@@ -3,6 +3,7 @@ per command) with the partition, account, qos, time limit, GPUs, nodes, job name
 extra sbatch arguments of the cluster config. Jobs are submitit Checkpointables: on timeout or
 preemption they are requeued and their bodies resume from their files."""
 
+import re
 import shlex
 import subprocess
 import sys
@@ -11,11 +12,14 @@ import submitit
 from submitit.slurm.slurm import _make_sbatch_string
 
 from servegen.cluster.config import ClusterConfig
-from servegen.cluster.jobs import JobCommand, JobSpec
+from servegen.cluster.jobs import JobCommand, JobSpec, shell_env
 from servegen.errors import ServegenError
 
 DEFAULT_TIME_LIMIT_MIN = 240  # when neither --time_limit nor the config's `timeouts` says
-# requeues after a timeout; submitit counts every USR2 of a job shorter than ~10 min as one
+# Requeues a job may spend on timeouts (submitit's max_num_timeout); then it fails and its
+# follow-up jobs (--dependent_jobs) take over. submitit takes a USR2 for a timeout once the job
+# has run min(0.8 x limit, limit - 10 min): under a 10-minute limit every USR2 counts, a
+# preemption's too. Preemptions of longer jobs are requeued without counting.
 MAX_REQUEUES = 10
 
 
@@ -57,7 +61,7 @@ def sbatch_text(job: JobSpec, cluster: ClusterConfig) -> str:
     n = len(job.commands)
     script = _make_sbatch_string(command=command, folder=folder, map_count=n if n > 1 else None,
                                  **sbatch_parameters(job, cluster))
-    assigns = "".join(f"{k}={shlex.quote(v)} " for k, v in job.env.items())
+    assigns = "".join(a + " " for a in shell_env(job.env))
     what = [f"# task {i} runs: {assigns}{shlex.join(argv)}" for i, argv in enumerate(job.commands)]
     return f"# sbatch script of job {cluster.job_name_prefix}{job.name}\n{script}\n" + "\n".join(what) + "\n"
 
@@ -65,8 +69,10 @@ def sbatch_text(job: JobSpec, cluster: ClusterConfig) -> str:
 def submit(job: JobSpec, cluster: ClusterConfig) -> str:
     """Submit the job (an array if it has several commands); its Slurm job id."""
     executor = submitit.SlurmExecutor(folder=job.log_dir, max_num_timeout=MAX_REQUEUES)
-    executor.update_parameters(**sbatch_parameters(job, cluster))
-    commands = [JobCommand(argv, job.env) for argv in job.commands]
+    params = sbatch_parameters(job, cluster)
+    executor.update_parameters(**params)
+    # USR2 comes at least signal_delay_s before the limit: the body must have stopped by then
+    commands = [JobCommand(argv, job.env, stop_grace_s=params["signal_delay_s"] * 2 // 3) for argv in job.commands]
     try:
         if len(commands) == 1:
             return executor.submit(commands[0]).job_id
@@ -77,12 +83,21 @@ def submit(job: JobSpec, cluster: ClusterConfig) -> str:
         raise ServegenError(f"sbatch refused the job: {' '.join(str(e).split())}") from None
 
 
+def follow_up_name(name: str, i: int) -> str:
+    """The name of the i-th follow-up job (--dependent_jobs) of the job `name`."""
+    return f"{name}-dependent{i}"
+
+
 def jobs_named(name: str) -> list[str]:
-    """Ids of the pending or running jobs with this name."""
-    out = subprocess.run(["squeue", "-h", "-o", "%A", f"--name={name}"], capture_output=True, text=True)
+    """Ids of our pending or running jobs named `name` or named as its follow-ups: waiting for an
+    experiment means waiting for the follow-up jobs that finish what its first job could not."""
+    out = subprocess.run(["squeue", "--me", "-h", "-o", "%A %j"], capture_output=True, text=True)
     if out.returncode != 0:
         raise ServegenError(f"squeue failed: {out.stderr.strip()}")
-    return sorted(set(out.stdout.split()))
+    ours = re.compile(re.escape(name) + r"(-dependent\d+)?")  # see follow_up_name
+    jobs = {job for job, _, job_name in (line.partition(" ") for line in out.stdout.splitlines())
+            if ours.fullmatch(job_name)}
+    return sorted(jobs, key=int)
 
 
 def job_state(job_id: str) -> str | None:

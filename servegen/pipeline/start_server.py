@@ -15,7 +15,7 @@ from pathlib import Path
 
 from servegen.cluster.config import ClusterConfig, load_cluster_config
 from servegen.cluster.jobs import JobSpec
-from servegen.cluster.launch import local_launch, start_server_here
+from servegen.cluster.launch import job_launch, local_launch, start_server_here
 from servegen.errors import ServegenError, ServerError
 from servegen.pipeline.common import (
     add_server_flags,
@@ -25,7 +25,7 @@ from servegen.pipeline.common import (
     stop_on_signals,
 )
 from servegen.server import build_server_command
-from servegen.server.process import DEFAULT_READY_TIMEOUT_S, free_port, log_tail, probe
+from servegen.server.process import DEFAULT_READY_TIMEOUT_S, LOG_TAIL_LINES, free_port, log_tail, probe
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -81,18 +81,27 @@ def _start(argv: list[str] | None) -> int:
         raise ServegenError(f"--model {spec.model}: no such file or folder")
 
     log_path = Path(args.log_dir) / f"{spec.server_type}-{spec.port}.log"
+    # in a Slurm job: where the submitter, waiting for it, learns the address
+    in_job = args.run_here and "SLURM_JOB_ID" in os.environ
+    published = address_file(Path(args.log_dir), os.environ["SLURM_JOB_ID"]) if in_job else None
     with stop_on_signals():
-        server = start_server_here(spec, cluster, log_path, f"{spec.server_type} server")
-        with server:
+        server = start_server_here(spec, cluster, log_path, f"{spec.server_type} server")  # started already
+        try:
             print(f"servegen: starting {spec.server_type} server (pid {server.pid}, log {log_path})", file=sys.stderr)
             server.wait_ready(args.ready_timeout)
             address = f"http://{_public_host(host, args.run_here)}:{spec.port}"
-            if args.run_here and "SLURM_JOB_ID" in os.environ:  # for the submitter, waiting for it
-                address_file(Path(args.log_dir), os.environ["SLURM_JOB_ID"]).write_text(address + "\n")
+            if published:
+                tmp = published.with_name(published.name + ".tmp")
+                tmp.write_text(address + "\n")
+                tmp.replace(published)
             print(f"servegen: {spec.server_type} server ready at {address} (model {spec.model})", flush=True)
             print("servegen: press Ctrl-C to stop it", file=sys.stderr)
             code = server.proc.wait()
             raise ServerError(f"{spec.server_type} server exited with code {code}; see its log {log_path}")
+        finally:
+            if published:  # no stale address while a requeued job starts the server again
+                published.unlink(missing_ok=True)
+            server.stop()
 
 
 def _submit(args: argparse.Namespace, cluster: ClusterConfig) -> int:
@@ -100,7 +109,8 @@ def _submit(args: argparse.Namespace, cluster: ClusterConfig) -> int:
 
     log_dir = Path(args.log_dir).resolve()
     # flag mistakes fail here, not in the job; the probe tells when the server answers
-    server = build_server_command(server_spec_from_flags(args, host="0.0.0.0", port=args.server_port or 5000))
+    spec = server_spec_from_flags(args, host=args.server_host or "0.0.0.0", port=args.server_port or 5000)
+    server = build_server_command(spec)
     command = [
         sys.executable, "-m", "servegen.pipeline.start_server", "--run_here",
         "--cluster", str(cluster.path.resolve()), "--model", args.model, "--server_type", args.server_type,
@@ -117,25 +127,50 @@ def _submit(args: argparse.Namespace, cluster: ClusterConfig) -> int:
     )
     if args.dry_run:
         print(slurm.sbatch_text(job, cluster), end="")
+        note = "" if args.server_port else " (5000 stands for the free port it picks)"
+        print(f"# the job starts the server with{note}:")
+        print(job_launch(spec, server, cluster, in_slurm=True).shell())
         return 0
     job_id = slurm.submit(job, cluster)
     print(f"servegen: submitted Slurm job {job_id}; waiting for the server (job log {log_dir}/{job_id}_0_log.out)",
           file=sys.stderr, flush=True)
+    path = address_file(log_dir, job_id)
     with stop_on_signals():
         try:
-            address = _wait_for_address(job_id, address_file(log_dir, job_id), log_dir, args.ready_timeout, server)
+            address = _wait_for_address(job_id, path, log_dir, args.ready_timeout, server)
             print(f"servegen: {args.server_type} server ready at {address} (Slurm job {job_id})", flush=True)
             print(f"servegen: Ctrl-C (or scancel {job_id}) stops it", file=sys.stderr, flush=True)
-            while slurm.job_state(job_id) in ("RUNNING", "COMPLETING", "PENDING", "REQUEUED"):
+            while (state := slurm.job_state(job_id)) in _LIVE_STATES:
                 time.sleep(5)
-            raise ServerError(f"Slurm job {job_id} ended ({slurm.job_state(job_id)}); see {log_dir}")
+                # a job requeued at its time limit (or preempted) starts the server again, maybe elsewhere
+                moved = _answering_address(path, server)
+                if moved and moved != address:
+                    address = moved
+                    print(f"servegen: {args.server_type} server ready at {address} (Slurm job {job_id}, requeued)",
+                          flush=True)
+            raise ServerError(f"Slurm job {job_id} ended ({state}); see {log_dir}")
         except KeyboardInterrupt:
             slurm.cancel(job_id)
             raise
 
 
+# what squeue says of a job that may still run (a requeued job is PENDING again)
+_LIVE_STATES = (None, "PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "SUSPENDED")
+
+
 def address_file(log_dir: Path, job_id: str) -> Path:
     return log_dir / f"server-{job_id}.address"
+
+
+def _answering_address(path: Path, server) -> str | None:
+    """The address the job wrote, if its server answers there."""
+    try:
+        address = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    if address and probe(address + server.health_path, server.health_method, server.health_body):
+        return address
+    return None
 
 
 def _wait_for_address(job_id: str, path: Path, log_dir: Path, timeout_s: float, server) -> str:
@@ -143,17 +178,28 @@ def _wait_for_address(job_id: str, path: Path, log_dir: Path, timeout_s: float, 
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if path.exists():
-            address = path.read_text().strip()
-            if address and probe(address + server.health_path, server.health_method, server.health_body):
-                return address
+        address = _answering_address(path, server)
+        if address:
+            return address
         state = slurm.job_state(job_id)
-        if state not in (None, "PENDING", "RUNNING", "CONFIGURING", "COMPLETING", "REQUEUED"):
-            tail = log_tail(log_dir / f"{job_id}_0_log.out").rstrip()
-            raise ServerError(f"Slurm job {job_id} ended ({state}) before its server was ready; its log ends:\n{tail}")
+        if state not in _LIVE_STATES:
+            log = log_dir / f"{job_id}_0_log.out"
+            raise ServerError(f"Slurm job {job_id} ended ({state}) before its server was ready:\n"
+                              f"{_job_error(log)}\n(the whole job log: {log})")
         time.sleep(2)
     slurm.cancel(job_id)
     raise ServerError(f"the server of Slurm job {job_id} was not ready after {timeout_s:.0f} s; job cancelled")
+
+
+def _job_error(log: Path) -> str:
+    """What the job said when it failed: its own `error:` message (with its server log's tail) up to
+    submitit's report of it, else the end of the job log."""
+    lines = log_tail(log, 400).rstrip().splitlines()
+    starts = [i for i, line in enumerate(lines) if line.startswith("error: ")]
+    if not starts:
+        return "\n".join(lines[-LOG_TAIL_LINES:])
+    end = next((j for j in range(starts[-1], len(lines)) if lines[j].startswith("submitit ")), len(lines))
+    return "\n".join(lines[starts[-1]:end])
 
 
 def _connect_host(host: str) -> str:

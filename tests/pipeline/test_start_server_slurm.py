@@ -1,0 +1,305 @@
+"""start_server on the real single-machine Slurm cluster (tests/slurm/start.sh): the sbatch script
+and server launch it would submit (golden files), the srun step that starts a server across a
+job's nodes (golden files for containers and MPI engines), a real vLLM CPU server in a Slurm job
+asked a real question and cancelled with Ctrl-C, a server that fails in its job reported with its
+log, and a two-node srun step started for real beside submitit's own step."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from servegen.cluster import slurm as slurm_executor
+from servegen.cluster.config import load_cluster_config, parse_cluster_config
+from servegen.cluster.jobs import JobSpec
+from servegen.cluster.launch import srun_launch
+from servegen.demo_model.data import format_prompt
+from servegen.server import build_server_command
+from servegen.server.command import ServerSpec
+from slurm.cluster import NODES, require_slurm, slurm, wait_for_job, wait_for_sacct
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = REPO / "tests" / "slurm" / "configs" / "test-slurm.yaml"
+ENGINE_ENV = ("VLLM_NO_USAGE_STATS", "DO_NOT_TRACK", "VLLM_CPU_KVCACHE_SPACE", "VLLM_HOST_IP", "VLLM_TARGET_DEVICE",
+              "SERVEGEN_CONFIG_DIR")
+
+
+def normalized(text: str, tmp_path: Path) -> str:
+    return text.replace(sys.executable, "<python>").replace(str(tmp_path), "<tmp>").replace(str(REPO), "<repo>")
+
+
+def unique(name: str) -> str:
+    """A job name no other test run uses (the cluster is shared)."""
+    return f"{name}-{uuid.uuid4().hex[:6]}"
+
+
+@pytest.mark.parametrize("nodes,gpus", [(1, 1), (2, 8)])
+def test_dry_run_prints_the_sbatch_script_and_the_server_launch(nodes, gpus, tmp_path, golden):
+    env = {k: v for k, v in os.environ.items() if k not in ENGINE_ENV}
+    result = subprocess.run(
+        [sys.executable, "-m", "servegen.pipeline.start_server", "--cluster", str(CONFIG), "--model", "/models/llama",
+         "--server_type", "vllm", "--server_gpus", str(gpus), "--server_nodes", str(nodes),
+         "--log_dir", str(tmp_path / "logs"), "--dry_run"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "logs").exists()  # nothing submitted, nothing written
+    golden(f"slurm-vllm-{nodes}n-{gpus}g.txt", normalized(result.stdout, tmp_path))
+
+
+def test_dry_run_shows_a_value_from_the_callers_environment_by_name(tmp_path):
+    config = tmp_path / "token-slurm.yaml"
+    config.write_text("executor: slurm\nenv_vars: [SERVEGEN_TEST_TOKEN, FIXED=plain]\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "servegen.pipeline.start_server", "--cluster", str(config), "--model", "/models/llama",
+         "--server_type", "vllm", "--server_gpus", "1", "--dry_run"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        env={**os.environ, "SERVEGEN_TEST_TOKEN": "hf_secret"},
+    )
+    assert result.returncode == 0, result.stderr
+    assert "hf_secret" not in result.stdout  # a token is not printed for all to see
+    # in the task's command and in the server launch, pasteable in the same shell
+    assert result.stdout.count('SERVEGEN_TEST_TOKEN="$SERVEGEN_TEST_TOKEN" ') == 2
+    assert result.stdout.count("FIXED=plain ") == 2
+
+
+CONTAINER_CONFIG = {
+    "executor": "slurm",
+    "partition": "gpu",
+    "containers": {"vllm": "nvcr.io/nvidia/vllm:25.09-py3", "trtllm": "nvcr.io/nvidia/tensorrt-llm/release:1.0.0"},
+    "mounts": ["/lustre/models:/models:ro", "/lustre/cache:/root/.cache"],
+    "env_vars": ["HF_HOME=/root/.cache/huggingface"],
+    "srun_args": ["--cpu-bind=none"],
+}
+
+
+@pytest.mark.parametrize(
+    "name, server_type, nodes, gpus, config",
+    [
+        ("vllm-2n-8g-container", "vllm", 2, 8, CONTAINER_CONFIG),
+        ("trtllm-2n-8g", "trtllm", 2, 8, {"executor": "slurm"}),
+        ("trtllm-1n-8g-container", "trtllm", 1, 8, CONTAINER_CONFIG),
+    ],
+)
+def test_srun_launch_golden(name, server_type, nodes, gpus, config, golden, monkeypatch):
+    for var in ENGINE_ENV:
+        monkeypatch.delenv(var, raising=False)
+    spec = ServerSpec(server_type=server_type, model="/models/llama", gpus=gpus, nodes=nodes, port=5000,
+                      host="0.0.0.0")
+    command = build_server_command(spec)
+    launch = srun_launch(spec, command, parse_cluster_config(config, Path(f"{name}.yaml")))
+    golden(f"srun-{name}.txt", f"# {name}: the job's srun step, {nodes} node(s) x {command.tasks_per_node} task(s)\n"
+                               f"{launch.shell()}\n")
+    flags = launch.argv[:launch.argv.index("bash")]
+    assert ("--mpi=pmix" in flags) == command.mpi
+    assert any(f.startswith("--container-image=") for f in flags) == ("containers" in config)
+    assert flags[:2] == ["srun", "--overlap"] and "--mem=0" in flags
+
+
+class Output:
+    """A process's stdout and stderr lines, read as they come."""
+
+    def __init__(self, proc: subprocess.Popen):
+        self.proc = proc
+        self.out: list[str] = []
+        self.err: list[str] = []
+        for stream, lines in ((proc.stdout, self.out), (proc.stderr, self.err)):
+            threading.Thread(target=lambda s=stream, ls=lines: ls.extend(iter(s.readline, "")), daemon=True).start()
+
+    def wait_for_line(self, pattern: str, timeout_s: float) -> re.Match:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            for line in self.out:
+                if m := re.search(pattern, line):
+                    return m
+            if self.proc.poll() is not None:
+                time.sleep(0.5)  # the readers catch up
+                break
+            time.sleep(0.2)
+        raise AssertionError(f"no line matching {pattern!r} (exit {self.proc.poll()}):\n{''.join(self.out)}"
+                             f"{''.join(self.err)[-5000:]}")
+
+
+def job_processes(job_id: str, marker: str = "") -> list[psutil.Process]:
+    """Live processes of a Slurm job (by the SLURM_JOB_ID in their environment) whose command
+    line contains `marker`."""
+    found = []
+    for p in psutil.process_iter():
+        try:
+            if (p.environ().get("SLURM_JOB_ID") == job_id and marker.lower() in " ".join(p.cmdline()).lower()
+                    and p.status() != psutil.STATUS_ZOMBIE):
+                found.append(p)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
+def wait_until_gone(job_id: str, marker: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while (left := job_processes(job_id, marker)) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not left, f"processes of job {job_id} still alive: {[p.cmdline() for p in left]}"
+
+
+def test_real_vllm_server_in_a_slurm_job_answers_and_ctrl_c_cancels_the_job(demo_model, tmp_path):
+    require_slurm()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "servegen.pipeline.start_server", "--cluster", str(CONFIG),
+         "--model", str(demo_model), "--server_type", "vllm", "--server_gpus", "0",
+         "--log_dir", str(tmp_path / "logs"), "--expname", unique("server")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+        env={**os.environ, "VLLM_CACHE_ROOT": str(tmp_path / "cache")},  # sbatch passes it on to the job
+    )
+    output = Output(proc)
+    try:
+        ready = output.wait_for_line(r"ready at (http://\S+) \(Slurm job (\d+)\)", timeout_s=600)
+        address, job_id = ready.groups()
+        assert any(f"submitted Slurm job {job_id}" in line for line in output.err)
+        assert address.startswith("http://127.0.0.1:")  # the node's address (NodeAddr) on this cluster
+        body = {"model": str(demo_model), "prompt": format_prompt("What's 2 + 2?"), "max_tokens": 16,
+                "temperature": 0}
+        request = urllib.request.Request(address + "/v1/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            assert json.load(r)["choices"][0]["text"] == "2 + 2 = 4."
+        servers = [p for p in job_processes(job_id, "vllm.entrypoints")
+                   if "start_server" in " ".join(p.parent().cmdline())]
+        assert len(servers) == 1, [p.cmdline() for p in servers]  # one server, started once, in the job
+
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 130
+        assert wait_for_sacct(job_id, timeout_s=60)[0] == "CANCELLED"
+        wait_until_gone(job_id, "vllm", timeout_s=60)
+        assert not (tmp_path / "logs" / f"server-{job_id}.address").exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_a_server_that_fails_in_its_job_is_an_error_with_its_log(demo_model, tmp_path):
+    require_slurm()
+    started = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "servegen.pipeline.start_server", "--cluster", str(CONFIG),
+         "--model", str(demo_model), "--server_type", "vllm", "--server_gpus", "0",
+         "--server_args", "--dtype nonsense", "--log_dir", str(tmp_path / "logs"), "--expname", unique("bad")],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "VLLM_CACHE_ROOT": str(tmp_path / "cache")},
+    )
+    assert result.returncode == 2, result.stderr
+    assert time.monotonic() - started < 240
+    job_id = re.search(r"submitted Slurm job (\d+)", result.stderr).group(1)
+    assert f"error: Slurm job {job_id} ended (FAILED) before its server was ready:" in result.stderr
+    # the job body's own error, then the server log's tail with vLLM's reason
+    assert "error: vllm server (pid" in result.stderr and "exited with code 2 before it was ready" in result.stderr
+    assert "argument --dtype: invalid choice: 'nonsense'" in result.stderr
+    assert f"(the whole job log: {tmp_path / 'logs' / f'{job_id}_0_log.out'})" in result.stderr
+    assert "Traceback" not in result.stderr  # submitit's report of the failure is left in the job log
+    assert wait_for_sacct(job_id)[0] == "FAILED"
+
+
+# Runs on every node of the srun step: records where it runs and with what; the head serves /health.
+NODE_PROGRAM = """
+import http.server, json, os, sys, time
+from pathlib import Path
+out, port = Path(sys.argv[1]), int(sys.argv[2])
+keys = ("SLURMD_NODENAME", "SLURM_STEP_ID", "SERVEGEN_NODE_RANK", "SERVEGEN_HEAD_HOST", "SERVEGEN_NUM_NODES",
+        "CUDA_VISIBLE_DEVICES")
+info = {k: os.environ.get(k) for k in keys} | {"pid": os.getpid()}
+(out / f"node-{info['SERVEGEN_NODE_RANK']}.json").write_text(json.dumps(info))
+if info["SERVEGEN_NODE_RANK"] != "0":
+    while True:
+        time.sleep(1)
+
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+        self.wfile.write(json.dumps(info).encode())
+
+http.server.HTTPServer(("0.0.0.0", port), Health).serve_forever()
+"""
+
+# The job body: starts NODE_PROGRAM as a two-node server with start_server_here, as servegen
+# starts an engine, checks it, sends its step USR2 (what Slurm sends every step before the time
+# limit), stops it, and writes down what it saw.
+JOB_BODY = """
+import json, os, subprocess, sys, time, urllib.request
+from pathlib import Path
+from servegen.cluster.config import load_cluster_config
+from servegen.cluster.launch import start_server_here
+from servegen.server.command import ServerCommand, ServerSpec
+from servegen.server.process import free_port
+
+out, config = Path(sys.argv[1]), sys.argv[2]
+job = os.environ["SLURM_JOB_ID"]
+steps = lambda: subprocess.run(["squeue", "-h", "-s", "-j", job, "-o", "%i %N"], capture_output=True,
+                               text=True).stdout.split("\\n")[:-1]
+port = free_port()
+spec = ServerSpec(server_type="vllm", model="unused", gpus=2, nodes=2, port=port, host="0.0.0.0")
+command = ServerCommand(script=f"exec {sys.executable} {out / 'node_program.py'} {out} {port}")
+server = start_server_here(spec, load_cluster_config(config), out / "server.log", "test server", command=command)
+seen = {"argv": server.argv}
+server.wait_ready(60)
+health = lambda: json.load(urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=10))
+seen["health"] = health()
+seen["steps_running"] = steps()
+server_step = f"{job}.{seen['health']['SLURM_STEP_ID']}"
+subprocess.run(["scancel", "--signal=USR2", server_step], check=True)
+time.sleep(3)
+seen["alive_after_usr2"] = server.proc.poll() is None and health()["pid"] == seen["health"]["pid"]
+server.stop()
+time.sleep(1)
+seen["steps_after_stop"] = steps()
+(out / "seen.json").write_text(json.dumps(seen, indent=1))
+"""
+
+
+def test_a_two_node_server_starts_with_srun_beside_submitits_step_and_stops_on_both_nodes(tmp_path):
+    require_slurm()
+    (tmp_path / "node_program.py").write_text(NODE_PROGRAM)
+    (tmp_path / "body.py").write_text(JOB_BODY)
+    cluster = load_cluster_config(str(CONFIG))
+    job = JobSpec(name=unique("two-nodes"), commands=[[sys.executable, str(tmp_path / "body.py"), str(tmp_path),
+                                                      str(CONFIG)]],
+                  log_dir=tmp_path / "logs", nodes=2, gpus_per_node=2, time_limit_min=5)
+    job_id = slurm_executor.submit(job, cluster)
+    state = wait_for_job(job_id, timeout_s=120)
+    log = (tmp_path / "logs" / f"{job_id}_0_log.out").read_text()
+    assert state == "COMPLETED", log + (tmp_path / "server.log").read_text()
+    seen = json.loads((tmp_path / "seen.json").read_text())
+
+    nodes = [json.loads((tmp_path / f"node-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [n["SLURMD_NODENAME"] for n in nodes] == list(NODES)  # rank 0 on the job's first node
+    for rank, node in enumerate(nodes):
+        assert node["SERVEGEN_NODE_RANK"] == str(rank)
+        assert node["SERVEGEN_NUM_NODES"] == "2"
+        assert node["SERVEGEN_HEAD_HOST"] == "127.0.0.1"  # node1's NodeAddr
+        assert len(node["CUDA_VISIBLE_DEVICES"].split(",")) == 2  # the step sees the job's GPUs
+    assert seen["health"]["pid"] == nodes[0]["pid"]  # the head serves the probe
+
+    server_step = f"{job_id}.{nodes[0]['SLURM_STEP_ID']}"
+    # submitit's step (.0, one task per node) and the server's srun step ran at once on both nodes
+    assert f"{job_id}.0 node[1-2]" in seen["steps_running"]
+    assert f"{server_step} node[1-2]" in seen["steps_running"]
+    assert seen["argv"][:2] == ["srun", "--overlap"] and "--mem=0" in seen["argv"]
+    assert seen["alive_after_usr2"]  # the server ignores the USR2 Slurm sends before the limit
+    # stopped: its step is gone, and no process of it is left on either node
+    assert not any(line.startswith(server_step) for line in seen["steps_after_stop"])
+    assert not [n["pid"] for n in nodes if psutil.pid_exists(n["pid"])
+                and psutil.Process(n["pid"]).status() != psutil.STATUS_ZOMBIE]
+    assert job_processes(job_id) == []
+    steps = slurm("sacct", "-n", "-P", "-j", job_id, "-o", "JobID,NodeList")
+    assert f"{server_step}|node[1-2]" in steps.split()
