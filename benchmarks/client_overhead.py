@@ -7,7 +7,9 @@ The stub is raw asyncio (uvloop when installed) with minimal parsing, in its own
 to CPU 0; each client runs in a fresh process pinned to CPU 1, so that the peak RSS is that
 client's alone. Clients, side by side:
 
-- servegen: get_model("vllm", ...).generate(prompts), max_concurrent_requests=10000
+- servegen: get_model("vllm", ...).generate(prompts), max_concurrent_requests=10000, one prompt
+  per request like the others (prompts_per_request=1; vLLM's default of 16 would send 16 times
+  fewer requests)
 - openai.AsyncOpenAI with its default HTTP client class, 10000 in flight (a semaphore, the
   connection limits raised to match); and again with 100 in flight, where it is fastest
   (its connection pool slows down as it grows)
@@ -67,10 +69,23 @@ def _response(body: bytes) -> bytes:
 
 class StubProtocol(asyncio.Protocol):
     """Answers every request on the connection in order; reads only what it needs to find the
-    end of each request (the head, then Content-Length bytes)."""
+    end of each request (the head, then Content-Length bytes), and for a request with several
+    prompts (servegen's generation job on vllm: `return_token_ids`) how many, to answer one
+    choice each with its token ids, as vLLM does."""
 
     completion = _response(REPLY)
     models = _response(MODELS)
+    batches: dict[int, bytes] = {}
+
+    @classmethod
+    def batch(cls, body: bytes) -> bytes:
+        n = len(json.loads(body)["prompt"])
+        if n not in cls.batches:
+            reply = json.loads(REPLY)
+            reply["choices"] = [{**reply["choices"][0], "index": i, "token_ids": [0]} for i in range(n)]
+            reply["usage"] = {"prompt_tokens": 3 * n, "completion_tokens": n, "total_tokens": 4 * n}
+            cls.batches[n] = _response(json.dumps(reply).encode())
+        return cls.batches[n]
 
     def connection_made(self, transport):
         self.transport = transport
@@ -92,7 +107,11 @@ class StubProtocol(asyncio.Protocol):
                 length = int(head[i + 15 : j if j >= 0 else len(head)])
             if len(buf) < end + 4 + length:
                 break
-            out.append(self.models if head.startswith(b"GET") else self.completion)
+            if head.startswith(b"GET"):
+                out.append(self.models)
+            else:
+                body = buf[end + 4 : end + 4 + length]
+                out.append(self.batch(body) if b'"return_token_ids"' in body else self.completion)
             buf = buf[end + 4 + length :]
         self.buf = buf
         if out:
@@ -129,7 +148,8 @@ def _new_loop():
 def run_servegen(url: str, n: int, concurrency: int, budget: float) -> int:
     from servegen.inference import get_model
 
-    llm = get_model("vllm", base_url=url, model="stub", max_concurrent_requests=concurrency, max_retries=0)
+    llm = get_model("vllm", base_url=url, model="stub", max_concurrent_requests=concurrency, prompts_per_request=1,
+                    max_retries=0)
     rows = llm.generate([f"prompt {i}" for i in range(n)], tokens_to_generate=16)
     llm.close()
     return sum(row["generation"] == "ok" for row in rows)

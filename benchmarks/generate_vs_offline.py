@@ -1,21 +1,28 @@
 """End-to-end tokens/s of `servegen generate` against a running vLLM CPU server, side by side
 with vLLM's own offline `LLM.generate` on the same prompts, model, engine flags and sampling.
 
-    .venv/bin/python benchmarks/generate_vs_offline.py [--rows 4000]
+    .venv/bin/python benchmarks/generate_vs_offline.py [--rows 4000] [--rounds 3]
 
 Both sides run on servegen's demo model (built if needed), greedy, at most 32 new tokens, with
-the CPU engine flags servegen uses (float32, eager, 0.5 memory utilization, max_model_len 512).
-Offline: a fresh process loads vllm.LLM, warms up, and times one LLM.generate call over every
-prompt. servegen: one vLLM server started with `servegen start_server`, warmed up, then the
-wall time of the whole `servegen generate` process (reading the JSONL, building prompts with
-the llama3-instruct template, requests, writing the output) is timed. Tokens are the generated
-tokens each side reports; both must agree on the texts. Writes
-benchmarks/results/generate_vs_offline.json and prints a table.
+the CPU engine flags servegen uses (float32, eager, 0.5 memory utilization, max_model_len 512)
+and the same scheduler limits: vLLM's defaults differ between its offline engine and its API
+server (on CPU 256 sequences and 4096 batched tokens against 128 and 2048), so both are given
+256 and 4096 (`--engine_limits vllm-defaults` leaves each side its own).
+Offline: one process loads vllm.LLM, warms up, and times LLM.generate calls over every prompt.
+servegen: one vLLM server started with `servegen start_server`, warmed up, then the wall time
+of the whole `servegen generate` process (its start, reading the JSONL, building prompts with
+the llama3-instruct template, requests, writing the output) is timed, with the job's default
+concurrency and prompts per request; the job's own rate (its summary: from its first request
+to its last row, without the start-up of its two processes) is shown next to it. Both stay up,
+and the rounds alternate between them, so that load from other work on the machine hits both
+alike; the median round is reported with the spread. Tokens are the generated tokens each side reports; both must agree on the texts.
+Writes benchmarks/results/generate_vs_offline.json and prints a table.
 """
 
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -26,6 +33,7 @@ HERE = Path(__file__).resolve().parent
 RESULT = HERE / "results" / "generate_vs_offline.json"
 MAX_TOKENS = 32
 ENGINE = dict(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.5, max_model_len=512)
+LIMITS = dict(max_num_seqs=256, max_num_batched_tokens=4096)  # vLLM's offline defaults on CPU
 
 
 def questions(n: int) -> list[str]:
@@ -35,66 +43,54 @@ def questions(n: int) -> list[str]:
     return [format_question(*pairs[i % len(pairs)], wording=(i // len(pairs)) % 3) for i in range(n)]
 
 
-def offline(model: str, prompts_file: Path, out: Path) -> None:
-    """Runs in its own process: vLLM's offline engine over the prompt strings."""
+def offline(model: str, prompts_file: Path, limits: str) -> None:
+    """Runs in its own process: vLLM's offline engine over the prompt strings, once per line on
+    stdin, each round's result as a line `result {json}` on stdout (where vLLM logs too)."""
     from vllm import LLM, SamplingParams
 
     prompts = json.loads(prompts_file.read_text())
-    llm = LLM(model=model, **ENGINE)
+    llm = LLM(model=model, **ENGINE, **(LIMITS if limits == "same" else {}))
     params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS)
     llm.generate(prompts[:64], params, use_tqdm=False)  # warm-up
-    started = time.perf_counter()
-    results = llm.generate(prompts, params, use_tqdm=False)
-    wall = time.perf_counter() - started
-    texts = [r.outputs[0].text for r in results]
-    tokens = sum(len(r.outputs[0].token_ids) for r in results)
-    out.write_text(json.dumps({"wall_s": wall, "tokens": tokens, "texts": texts}))
-
-
-def served(model: str, rows: list[dict], work: Path) -> dict:
-    env = {**os.environ, "VLLM_CACHE_ROOT": str(work / "vllm-cache")}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "servegen.pipeline.start_server", "--model", model, "--server_type", "vllm",
-         "--server_gpus", "0", "--server_args", f"--max-model-len {ENGINE['max_model_len']}",
-         "--log_dir", str(work / "logs")],
-        stdout=subprocess.PIPE, text=True, env=env,
-    )
-    try:
-        line = ""
-        while "ready at" not in line:
-            line = server.stdout.readline()
-            if not line and server.poll() is not None:
-                raise SystemExit(f"the vLLM server did not start; see {work}/logs")
-        address = line.split("ready at ")[1].split()[0]
-        data = work / "input.jsonl"
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        warm = work / "warm.jsonl"
-        warm.write_text("".join(json.dumps(r) + "\n" for r in rows[:64]))
-        command = [sys.executable, "-m", "servegen.pipeline.generate", "--server_address", address,
-                   "--server_type", "vllm", "++prompt_template=llama3-instruct",
-                   f"++inference.tokens_to_generate={MAX_TOKENS}", "++inference.temperature=0.0",
-                   "++max_concurrent_requests=1024"]
-        subprocess.run(command + ["--input_file", str(warm), "--output_dir", str(work / "warm")], check=True,
-                       capture_output=True)
+    print("offline engine ready", flush=True)
+    for _ in sys.stdin:
         started = time.perf_counter()
-        subprocess.run(command + ["--input_file", str(data), "--output_dir", str(work / "out")], check=True,
-                       capture_output=True)
+        results = llm.generate(prompts, params, use_tqdm=False)
         wall = time.perf_counter() - started
-    finally:
-        server.send_signal(2)
-        server.wait(60)
-    out = [json.loads(line) for line in (work / "out" / "output.jsonl").read_text().splitlines()]
-    return {"wall_s": wall, "tokens": sum(r["num_generated_tokens"] for r in out),
-            "texts": [r["generation"] for r in out]}
+        texts = [r.outputs[0].text for r in results]
+        tokens = sum(len(r.outputs[0].token_ids) for r in results)
+        print("result " + json.dumps({"wall_s": wall, "tokens": tokens, "texts": texts}), flush=True)
+
+
+def wait_for_line(proc: subprocess.Popen, marker: str, what: str) -> str:
+    while True:
+        line = proc.stdout.readline()
+        if marker in line:
+            return line
+        if not line and proc.poll() is not None:
+            raise SystemExit(f"{what} did not start")
+
+
+def served_once(command: list[str], data: Path, out: Path) -> dict:
+    started = time.perf_counter()
+    subprocess.run(command + ["--input_file", str(data), "--output_dir", str(out)], check=True, capture_output=True)
+    wall = time.perf_counter() - started
+    rows = [json.loads(line) for line in (out / "output.jsonl").read_text().splitlines()]
+    summary = json.loads((out / "output.summary.json").read_text())
+    return {"wall_s": wall, "tokens": sum(r["num_generated_tokens"] for r in rows),
+            "texts": [r["generation"] for r in rows], "in_job_wall_s": summary["wall_time_s"]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=4000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--engine_limits", choices=["same", "vllm-defaults"], default="same",
+                        help="scheduler limits: 256 sequences / 4096 tokens on both sides, or vLLM's own defaults")
     parser.add_argument("--offline_worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.offline_worker:
-        offline(args.offline_worker[0], Path(args.offline_worker[1]), Path(args.offline_worker[2]))
+        offline(args.offline_worker[0], Path(args.offline_worker[1]), args.offline_worker[2])
         return
 
     from servegen.demo_model import build_demo_model
@@ -104,36 +100,82 @@ def main() -> None:
 
     model = str(build_demo_model())
     qs = questions(args.rows)
+    rounds = []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         prompts_file = work / "prompts.json"
         prompts_file.write_text(json.dumps([format_prompt(q) for q in qs]))
-        offline_out = work / "offline.json"
         # the environment servegen gives a vLLM CPU server (KV cache size, loopback, no telemetry)
         cpu_env = build_command(ServerSpec(server_type="vllm", model=model, gpus=0)).env
-        subprocess.run([sys.executable, __file__, "--offline_worker", model, str(prompts_file), str(offline_out)],
-                       check=True, env={**os.environ, **cpu_env, "VLLM_CACHE_ROOT": str(work / "vllm-cache")})
-        off = json.loads(offline_out.read_text())
-        srv = served(model, [{"question": q} for q in qs], work)
+        env = {**os.environ, **cpu_env, "VLLM_CACHE_ROOT": str(work / "vllm-cache")}
+        server_args = f"--max-model-len {ENGINE['max_model_len']}"
+        if args.engine_limits == "same":
+            server_args += f" --max-num-seqs {LIMITS['max_num_seqs']} --max-num-batched-tokens {LIMITS['max_num_batched_tokens']}"
+        offline_proc = subprocess.Popen(
+            [sys.executable, __file__, "--offline_worker", model, str(prompts_file), args.engine_limits],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+        )
+        server = subprocess.Popen(
+            [sys.executable, "-m", "servegen.pipeline.start_server", "--model", model, "--server_type", "vllm",
+             "--server_gpus", "0", "--server_args", server_args, "--log_dir", str(work / "logs")],
+            stdout=subprocess.PIPE, text=True, env={**os.environ, "VLLM_CACHE_ROOT": str(work / "vllm-cache")},
+        )
+        try:
+            wait_for_line(offline_proc, "offline engine ready", "the offline engine")
+            address = wait_for_line(server, "ready at", f"the vLLM server (logs: {work}/logs)").split("ready at ")[1].split()[0]
+            data = work / "input.jsonl"
+            data.write_text("".join(json.dumps({"question": q}) + "\n" for q in qs))
+            warm = work / "warm.jsonl"
+            warm.write_text("".join(json.dumps({"question": q}) + "\n" for q in qs[:64]))
+            command = [sys.executable, "-m", "servegen.pipeline.generate", "--server_address", address,
+                       "--server_type", "vllm", "++prompt_template=llama3-instruct",
+                       f"++inference.tokens_to_generate={MAX_TOKENS}", "++inference.temperature=0.0"]
+            served_once(command, warm, work / "warm")
+            for r in range(args.rounds):
+                offline_proc.stdin.write("go\n")
+                offline_proc.stdin.flush()
+                off = json.loads(wait_for_line(offline_proc, "result ", "the offline round").split("result ", 1)[1])
+                srv = served_once(command, data, work / f"out{r}")
+                rounds.append({"offline": off, "servegen": srv})
+        finally:
+            offline_proc.stdin.close()
+            offline_proc.wait(120)
+            server.send_signal(2)
+            server.wait(60)
 
-    same = sum(a == b for a, b in zip(off["texts"], srv["texts"]))
-    rows = {
-        "vllm_offline_LLM_generate": {"wall_s": off["wall_s"], "tokens": off["tokens"]},
-        "servegen_generate_via_server": {"wall_s": srv["wall_s"], "tokens": srv["tokens"]},
-    }
-    for r in rows.values():
-        r["tokens_per_s"] = r["tokens"] / r["wall_s"]
-    ratio = rows["servegen_generate_via_server"]["tokens_per_s"] / rows["vllm_offline_LLM_generate"]["tokens_per_s"]
-    result = {"rows": args.rows, "max_tokens": MAX_TOKENS, "engine": ENGINE, "identical_texts": same,
-              "results": rows, "ratio_servegen_to_offline": ratio}
+    table = []
+    for r in rounds:
+        row = {side: {"wall_s": round(r[side]["wall_s"], 3), "tokens": r[side]["tokens"],
+                      "tokens_per_s": round(r[side]["tokens"] / r[side]["wall_s"])} for side in ("offline", "servegen")}
+        row["ratio"] = round(row["servegen"]["tokens_per_s"] / row["offline"]["tokens_per_s"], 3)
+        # the job's own rate (its summary: requests only, without the two processes' start-up)
+        row["servegen"]["in_job_tokens_per_s"] = round(r["servegen"]["tokens"] / r["servegen"]["in_job_wall_s"])
+        row["in_job_ratio"] = round(row["servegen"]["in_job_tokens_per_s"] / row["offline"]["tokens_per_s"], 3)
+        row["identical_texts"] = sum(a == b for a, b in zip(r["offline"]["texts"], r["servegen"]["texts"]))
+        table.append(row)
+    ratios = [row["ratio"] for row in table]
+    median = statistics.median(ratios)
+    in_job = [row["in_job_ratio"] for row in table]
+    result = {"rows": args.rows, "max_tokens": MAX_TOKENS, "engine": ENGINE,
+              "engine_limits": LIMITS if args.engine_limits == "same" else "vLLM defaults (offline 256/4096, server 128/2048)",
+              "servegen_job": "defaults: 16 prompts per request, 1024 prompts in flight",
+              "load_average_at_end": os.getloadavg(), "rounds": table,
+              "ratio_servegen_to_offline": {"median": median, "min": min(ratios), "max": max(ratios)},
+              "in_job_ratio": {"median": statistics.median(in_job), "min": min(in_job), "max": max(in_job)}}
     RESULT.parent.mkdir(exist_ok=True)
     RESULT.write_text(json.dumps(result, indent=2) + "\n")
 
-    print(f"{args.rows} prompts, greedy, <= {MAX_TOKENS} new tokens, demo model on vLLM CPU")
-    print(f"{'':32} {'wall s':>8} {'tokens':>8} {'tokens/s':>10}")
-    for name, r in rows.items():
-        print(f"{name:32} {r['wall_s']:8.2f} {r['tokens']:8d} {r['tokens_per_s']:10.0f}")
-    print(f"servegen / offline: {ratio:.2f}   identical texts: {same}/{args.rows}   ({RESULT})")
+    print(f"{args.rows} prompts, greedy, <= {MAX_TOKENS} new tokens, demo model on vLLM CPU, "
+          f"engine limits: {args.engine_limits}")
+    print(f"{'round':>5} {'offline tok/s':>14} {'servegen tok/s':>15} {'ratio':>7} {'in-job tok/s':>13} "
+          f"{'in-job ratio':>13} {'identical texts':>16}")
+    for i, row in enumerate(table):
+        print(f"{i + 1:>5} {row['offline']['tokens_per_s']:>14} {row['servegen']['tokens_per_s']:>15} "
+              f"{row['ratio']:>7.2f} {row['servegen']['in_job_tokens_per_s']:>13} {row['in_job_ratio']:>13.2f} "
+              f"{row['identical_texts']:>10}/{args.rows}")
+    print(f"servegen / offline: median {median:.2f} (min {min(ratios):.2f}, max {max(ratios):.2f}); "
+          f"in-job: median {statistics.median(in_job):.2f} (min {min(in_job):.2f}, max {max(in_job):.2f}); "
+          f"load average {os.getloadavg()[0]:.1f}   ({RESULT})")
 
 
 if __name__ == "__main__":

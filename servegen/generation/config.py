@@ -57,7 +57,10 @@ class GenerationConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     stop_phrases: list[str] = field(default_factory=list)  # besides the template's
-    max_concurrent_requests: int = 512
+    # HTTP requests in flight; None: 512 of one prompt each, or when string prompts share requests
+    # (vLLM), the client's default: 1024 prompts in flight (64 requests of 16)
+    max_concurrent_requests: int | None = None
+    prompts_per_request: int | None = None  # string prompts per request; None: the server type's default (vLLM: 16)
     generation_key: str = "generation"
     output_type: dict[str, str] | None = None  # typed output, e.g. {"answer": "int"}
     random_seeds: list[int] | None = None  # one output-rs{seed}.jsonl each; None: output.jsonl

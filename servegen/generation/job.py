@@ -19,19 +19,24 @@ from pathlib import Path
 from tqdm import tqdm
 
 from servegen.cluster.config import load_cluster_config
-from servegen.cluster.launch import start_server_here
 from servegen.errors import ServegenError, ServerError
 from servegen.generation.config import GenerationConfig, build_config
 from servegen.generation.files import OrderedWriter, count_rows, done_marker, merge_chunks, read_rows
-from servegen.inference import InferenceError, get_model
+from servegen.inference import CLIENTS, InferenceError, get_model
+from servegen.inference.client import new_event_loop
 from servegen.inference.params import Plan
 from servegen.prompt import get_prompt
-from servegen.server.command import ServerSpec, split_args
-from servegen.server.process import free_port
 
 # Rows may finish out of order, and the ones waiting for an earlier row stay in memory: dispatch
-# stops this many rows past the oldest unfinished one, which bounds memory whatever the dataset.
+# stops WINDOW_PER_REQUEST * (prompts in flight: max_concurrent_requests * prompts_per_request, or
+# the client's budget) rows past the oldest unfinished one, which bounds memory whatever the
+# dataset. That is more than the prompts in flight plus one batch, so no request slot idles, and
+# the client gathers a batch under one lock, so only the newest rows can wait in a batch not yet
+# sent: the window (>= prompts_per_request) never deadlocks (see Client.generate_iter_async).
 WINDOW_PER_REQUEST = 4
+# max_concurrent_requests=null with one prompt per request (chats, server types that do not batch):
+# this many requests. With several prompts per request, the client's default: 1024 prompts in flight.
+ONE_PROMPT_REQUESTS = 512
 # Latency histogram buckets (seconds, log-spaced from 1 ms to ~3 h): percentiles that chunks can merge.
 BUCKETS = [10 ** (-3 + i / 25) for i in range(176)]
 
@@ -137,6 +142,12 @@ class CoLocatedServer:
         self.log_path = None
 
     def start(self) -> None:
+        # imported here: a job that uses a running server never needs them, and start-up is part
+        # of every job's wall time (benchmarks/README.md)
+        from servegen.cluster.launch import start_server_here
+        from servegen.server.command import ServerSpec, split_args
+        from servegen.server.process import free_port
+
         port = free_port()
         spec = ServerSpec(
             server_type=self.cfg.server_type, model=self.cfg.model, gpus=self.cfg.gpus, nodes=self.cfg.nodes,
@@ -220,9 +231,19 @@ class Job:
             model = None  # the job's own server says the name it serves in /v1/models (hf: the model's path)
         inf = cfg.inference
         kwargs = {"timeout": inf.timeout} if inf.timeout else {}
+        per_request, concurrency = cfg.prompts_per_request, cfg.max_concurrent_requests
+        if cfg.prompt_template is None:  # chat messages go one per request
+            if per_request is not None and per_request > 1:
+                raise ServegenError(
+                    "++prompts_per_request needs string prompts (a ++prompt_template); chat messages go one per request"
+                )
+            per_request = 1 if per_request is None else per_request
+        cls = CLIENTS.get(cfg.server.server_type)  # an unknown one: get_model says so
+        if concurrency is None and cls is not None and (per_request or cls.default_prompts_per_request) == 1:
+            concurrency = ONE_PROMPT_REQUESTS
         return get_model(
-            cfg.server.server_type, base_url=address, model=model,
-            max_concurrent_requests=cfg.max_concurrent_requests, soft_fail=cfg.soft_fail,
+            cfg.server.server_type, base_url=address, model=model, max_concurrent_requests=concurrency,
+            prompts_per_request=per_request, soft_fail=cfg.soft_fail,
             max_retries=inf.max_retries, retry_backoff=inf.retry_backoff, max_backoff=inf.max_backoff, **kwargs,
         )
 
@@ -231,7 +252,8 @@ class Job:
         start, stop = unit.rows(total)
         while True:
             try:
-                stats = asyncio.run(self._generate(unit, path, start, stop))
+                with asyncio.Runner(loop_factory=new_event_loop) as runner:  # uvloop: less CPU per row
+                    stats = runner.run(self._generate(unit, path, start, stop))
                 break
             except ServerDied as e:
                 self.server.restart(str(e))
@@ -271,7 +293,8 @@ class Job:
                 f"{path} has more rows than rows {start}..{stop - 1} of {self.input}: did the input change? "
                 "(--rerun_done starts over)"
             )
-        window = WINDOW_PER_REQUEST * cfg.max_concurrent_requests
+        client = self._client(self.server.address if self.server is not None else cfg.server.address)
+        window = WINDOW_PER_REQUEST * client.max_prompts_in_flight
         # position in the request stream -> (row index, line number, row, start time)
         in_flight: dict[int, tuple[int, int, dict, float]] = {}
         moved = asyncio.Event()
@@ -307,7 +330,6 @@ class Job:
             total=stop - start, initial=already, unit="row", file=sys.stderr, dynamic_ncols=True,
             desc=unit.file_name(), mininterval=1 if sys.stderr.isatty() else 30,
         )
-        client = self._client(self.server.address if self.server is not None else cfg.server.address)
 
         def server_died() -> bool:
             return self.server is not None and not self.server.alive()

@@ -7,6 +7,7 @@ import urllib.parse
 from servegen.errors import ServegenError
 from servegen.inference.client import Client
 from servegen.inference.errors import (
+    BatchingUnsupported,
     ContextLengthError,
     InferenceError,
     InvalidOutput,
@@ -29,6 +30,7 @@ CLIENTS = {
 OPENAI_URL = "https://api.openai.com/v1"
 
 __all__ = [
+    "BatchingUnsupported",
     "CLIENTS",
     "Client",
     "ContextLengthError",
@@ -49,7 +51,8 @@ def get_model(
     model: str | None = None,
     api_key: str | None = None,
     *,
-    max_concurrent_requests: int = 1024,
+    max_concurrent_requests: int | None = None,
+    prompts_per_request: int | None = None,
     max_retries: int = 5,
     timeout: float = 1800.0,
     retry_backoff: float = 0.5,
@@ -66,9 +69,12 @@ def get_model(
     api.openai.com. model: the served model name; None asks /v1/models (OpenAI-protocol servers).
     api_key: for "openai", default $NVIDIA_API_KEY for *.nvidia.com hosts, else $OPENAI_API_KEY,
     else $NVIDIA_API_KEY. It is sent as a Bearer token and never shown.
-    max_concurrent_requests: requests in flight at most. max_retries, retry_backoff,
-    max_backoff: see docs/clients.md. timeout: seconds per attempt. max_output_retries: extra
-    attempts when a typed output does not validate. soft_fail: failed prompts give rows with an
+    max_concurrent_requests: HTTP requests in flight at most, each with up to prompts_per_request
+    prompts; None: at most 1024 prompts in flight, in at most 1024 requests (64 of 16 on vllm).
+    prompts_per_request: string prompts with equal parameters sent in one /v1/completions request
+    (None: the server type's default, 16 for vllm, else 1; > 1 only for vllm and sglang).
+    max_retries, retry_backoff, max_backoff: see docs/clients.md. timeout: seconds per attempt.
+    max_output_retries: extra attempts when a typed output does not validate. soft_fail: failed prompts give rows with an
     `error` field instead of raising (each call can override it). transport: "fast" (servegen's
     own HTTP/1.1, plain http only) or "aiohttp"; default picks fast for http:// without a proxy.
     structured_decoding (trtllm only): the server was started with a guided decoding backend.
@@ -95,6 +101,7 @@ def get_model(
         model,
         api_key,
         max_concurrent_requests=max_concurrent_requests,
+        prompts_per_request=prompts_per_request,
         max_retries=max_retries,
         timeout=timeout,
         retry_backoff=retry_backoff,

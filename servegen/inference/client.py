@@ -3,9 +3,21 @@ stop phrases, streaming, the sync and async APIs. A server type (openai_compat.p
 only says what a request body looks like and how to read the answer.
 
 Concurrency: a call with N prompts runs min(N, max_concurrent_requests) workers that take the
-next prompt index as they finish one, so memory holds the prompts, the results and one request
-per worker, never N pending requests. A semaphore per event loop bounds the requests in flight
-across concurrent calls on one client.
+next prompts as they finish a request, so memory holds the prompts, the results and one request
+per worker, never N pending requests. Per event loop (across concurrent calls on one client), a
+semaphore bounds the HTTP requests in flight (max_concurrent_requests) and a budget the prompts
+in flight: max_concurrent_requests * prompts_per_request, or with max_concurrent_requests=None
+(the default) 1024, in up to 1024 requests: 1024 chats or one-prompt requests, 64 requests of
+16 string prompts. A worker reserves room for a whole batch before it takes one.
+
+Several prompts per request (prompts_per_request > 1, server types that take a list of string
+prompts on /v1/completions): a worker takes up to that many consecutive string prompts with the
+same parameters at once and sends them as one request; the server answers one choice per prompt.
+Everything else stays per prompt: results, stop phrases, typed-output validation (only the
+prompts whose output does not validate are asked again, together), num_generated_tokens (each
+choice's token ids; a server that does not return them is an error, not a guess), errors. A
+request that fails transiently is retried whole; a 4xx for several prompts is retried prompt by
+prompt, so only the prompt at fault (e.g. one over the context length) gets the error.
 
 Retries (max_retries, exponential backoff with jitter, retry_backoff * 2**attempt seconds times
 a random factor in [0.5, 1], at most max_backoff): connection errors, timeouts, 429 (waiting at
@@ -18,6 +30,8 @@ ends within (max_retries + 1) * (timeout + max_backoff).
 """
 
 import asyncio
+import collections
+import contextlib
 import dataclasses
 import email.utils
 import json
@@ -33,6 +47,7 @@ from typing import Any
 from servegen.errors import ServegenError
 from servegen.inference import stops
 from servegen.inference.errors import (
+    BatchingUnsupported,
     ContextLengthError,
     InferenceError,
     InvalidOutput,
@@ -52,6 +67,11 @@ _CONTEXT_LENGTH = re.compile(
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # built once: cheaper per call
 
+# max_concurrent_requests=None: at most this many prompts in flight, in at most as many requests
+# (1024 requests of one prompt, 64 of 16): batching does not multiply the prompts queued at the
+# server (and their wait), and chats, never batched, keep their 1024 requests
+PROMPTS_IN_FLIGHT = 1024
+
 
 class _Secret:
     """A value that shows as *** in reprs, vars() and debuggers."""
@@ -66,11 +86,59 @@ class _Secret:
 
 
 class _LoopState:
-    """What a client keeps per event loop: its connections and its bound on requests in flight."""
+    """What a client keeps per event loop: its connections and its bounds on requests and prompts
+    in flight."""
 
-    def __init__(self, transport, max_concurrent_requests: int):
+    def __init__(self, transport, max_concurrent_requests: int, max_prompts_in_flight: int):
         self.transport = transport
         self.slots = asyncio.Semaphore(max_concurrent_requests)
+        self.budget = _Budget(max_prompts_in_flight)
+
+
+class _Budget:
+    """Room for prompts in flight: a semaphore that takes n at a time, first come first served (a
+    batch is not overtaken by single prompts, and a release wakes only the waiters that fit). A
+    worker reserves room for a whole batch before it takes the batch's prompts, so it never holds
+    prompts while it waits for room."""
+
+    def __init__(self, size: int):
+        self.free = size
+        self.waiters: collections.deque = collections.deque()
+
+    def take(self, n: int) -> bool:
+        """Room for n now, without waiting (the common case: no coroutine to make)."""
+        if not self.waiters and self.free >= n:
+            self.free -= n
+            return True
+        return False
+
+    async def reserve(self, n: int) -> None:
+        if self.take(n):
+            return
+        future = asyncio.get_running_loop().create_future()
+        self.waiters.append((n, future))
+        try:
+            await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                self.release(n)  # granted, then cancelled
+            else:
+                with contextlib.suppress(ValueError):
+                    self.waiters.remove((n, future))
+                self._wake()
+            raise
+
+    def release(self, n: int) -> None:
+        self.free += n
+        if self.waiters:
+            self._wake()
+
+    def _wake(self) -> None:
+        while self.waiters and self.free >= self.waiters[0][0]:
+            n, future = self.waiters.popleft()
+            if not future.done():
+                self.free -= n
+                future.set_result(None)
 
 
 class Client:
@@ -78,6 +146,10 @@ class Client:
 
     server_type = "openai"
     discovers_model = True  # model=None: ask GET /v1/models
+    # the server takes several string prompts in one request and says each one's token count
+    # (build_batch_request / parse_batch_response); why not, for those that cannot
+    batching: bool | str = "its API takes one prompt per request"
+    default_prompts_per_request = 1
 
     def __init__(
         self,
@@ -85,7 +157,8 @@ class Client:
         model: str | None = None,
         api_key: str | None = None,
         *,
-        max_concurrent_requests: int = 1024,
+        max_concurrent_requests: int | None = None,
+        prompts_per_request: int | None = None,
         max_retries: int = 5,
         timeout: float = 1800.0,
         retry_backoff: float = 0.5,
@@ -94,8 +167,26 @@ class Client:
         soft_fail: bool = False,
         transport: str | None = None,
     ):
-        if not isinstance(max_concurrent_requests, int) or max_concurrent_requests < 1:
-            raise ServegenError(f"max_concurrent_requests must be an integer >= 1, got {max_concurrent_requests!r}")
+        if prompts_per_request is None:
+            prompts_per_request = self.default_prompts_per_request
+        if isinstance(prompts_per_request, bool) or not isinstance(prompts_per_request, int) or prompts_per_request < 1:
+            raise ServegenError(f"prompts_per_request must be an integer >= 1 or None, got {prompts_per_request!r}")
+        if prompts_per_request > 1 and self.batching is not True:
+            raise ServegenError(
+                f"server_type {self.server_type} cannot take several prompts per request ({self.batching}); "
+                "use prompts_per_request=1"
+            )
+        if max_concurrent_requests is None:
+            max_concurrent_requests = prompts_in_flight = PROMPTS_IN_FLIGHT
+            if prompts_per_request > prompts_in_flight:
+                raise ServegenError(
+                    f"prompts_per_request={prompts_per_request} is more than the {prompts_in_flight} prompts in "
+                    "flight that max_concurrent_requests=None allows; set max_concurrent_requests too"
+                )
+        elif isinstance(max_concurrent_requests, bool) or not isinstance(max_concurrent_requests, int) or max_concurrent_requests < 1:
+            raise ServegenError(f"max_concurrent_requests must be an integer >= 1 or None, got {max_concurrent_requests!r}")
+        else:
+            prompts_in_flight = max_concurrent_requests * prompts_per_request
         if not isinstance(max_retries, int) or max_retries < 0:
             raise ServegenError(f"max_retries must be an integer >= 0, got {max_retries!r}")
         if not isinstance(max_output_retries, int) or max_output_retries < 0:
@@ -116,7 +207,9 @@ class Client:
         self._prefix = urllib.parse.urlsplit(root).path
         self.model = model
         self._api_key = _Secret(api_key or None)
-        self.max_concurrent_requests = max_concurrent_requests
+        self.max_concurrent_requests = max_concurrent_requests  # HTTP requests
+        self.prompts_per_request = prompts_per_request
+        self.max_prompts_in_flight = prompts_in_flight
         self.max_retries = max_retries
         self.timeout = float(timeout)
         self.retry_backoff = retry_backoff
@@ -142,6 +235,15 @@ class Client:
         """A result row {generation, num_generated_tokens, finish_reason, ...} from a 200 body."""
         raise NotImplementedError
 
+    def build_batch_request(self, prompts: list[str], p: Params) -> tuple[str, str, dict]:
+        """(method, path, body) of one request for several string prompts (server types with batching)."""
+        raise NotImplementedError
+
+    def parse_batch_response(self, data: Any, prompts: list[str], p: Params) -> list[dict]:
+        """One result row per prompt, in the prompts' order, from a 200 body; BatchingUnsupported
+        when the body lacks what counts each prompt's tokens."""
+        raise NotImplementedError
+
     def parse_stream_event(self, event: dict) -> str:
         """The text in one server-sent event of a stream."""
         raise NotImplementedError
@@ -159,7 +261,7 @@ class Client:
             if self._api_key.value:
                 headers["Authorization"] = f"Bearer {self._api_key.value}"
             transport = make_transport(self.base_url, headers, self.max_concurrent_requests, self._transport_kind)
-            state = self._states[loop] = _LoopState(transport, self.max_concurrent_requests)
+            state = self._states[loop] = _LoopState(transport, self.max_concurrent_requests, self.max_prompts_in_flight)
         return state
 
     def _redact(self, text: str) -> str:
@@ -182,37 +284,39 @@ class Client:
         return cls(f"{self.server_type} server rejected the request: HTTP {status} on {path}: {message}{hint}", status)
 
     async def _call(self, state: _LoopState, method: str, path: str, payload: bytes | None, timeout: float, parse):
-        """One request with retries; `parse(json_value)` makes the result from a 2xx body, and a
-        body it cannot read (KeyError, TypeError, IndexError, ValueError) is a failed attempt."""
-        attempt = 0
-        while True:
-            retry_after = None
-            try:
-                response = await state.transport.request(method, path, payload, timeout)
-            except TimeoutError as e:
-                problem = f"timed out: {e}"
-            except TransportError as e:
-                problem = str(e)
-            else:
-                status = response.status
-                if 200 <= status < 300:
-                    try:
-                        return parse(json.loads(response.body))
-                    except InferenceError:
-                        raise
-                    except (ValueError, KeyError, TypeError, IndexError) as e:
-                        problem = f"unreadable 200 response ({type(e).__name__}: {e}): {_snippet(response.body)}"
-                elif status == 429 or status >= 500:
-                    problem = f"HTTP {status}: {_server_message(response.body)}"
-                    retry_after = _retry_after(response.headers.get("retry-after"))
+        """One request with retries, holding one of the loop's request slots; `parse(json_value)`
+        makes the result from a 2xx body, and a body it cannot read (KeyError, TypeError,
+        IndexError, ValueError) is a failed attempt."""
+        async with state.slots:
+            attempt = 0
+            while True:
+                retry_after = None
+                try:
+                    response = await state.transport.request(method, path, payload, timeout)
+                except TimeoutError as e:
+                    problem = f"timed out: {e}"
+                except TransportError as e:
+                    problem = str(e)
                 else:
-                    raise self._rejected(status, response.body, path)
-            if attempt >= self.max_retries:
-                raise RetriesExhausted(
-                    self._redact(f"{method} {self.base_url}{path} failed {attempt + 1} times; last: {problem}")
-                )
-            await asyncio.sleep(self._backoff(attempt, retry_after))
-            attempt += 1
+                    status = response.status
+                    if 200 <= status < 300:
+                        try:
+                            return parse(json.loads(response.body))
+                        except InferenceError:
+                            raise
+                        except (ValueError, KeyError, TypeError, IndexError) as e:
+                            problem = f"unreadable 200 response ({type(e).__name__}: {e}): {_snippet(response.body)}"
+                    elif status == 429 or status >= 500:
+                        problem = f"HTTP {status}: {_server_message(response.body)}"
+                        retry_after = _retry_after(response.headers.get("retry-after"))
+                    else:
+                        raise self._rejected(status, response.body, path)
+                if attempt >= self.max_retries:
+                    raise RetriesExhausted(
+                        self._redact(f"{method} {self.base_url}{path} failed {attempt + 1} times; last: {problem}")
+                    )
+                await asyncio.sleep(self._backoff(attempt, retry_after))
+                attempt += 1
 
     async def _ensure_model(self, state: _LoopState) -> None:
         if self.model is not None or not self.discovers_model:
@@ -226,46 +330,106 @@ class Client:
         except InferenceError as e:
             raise InferenceError(f"cannot find out which model the server serves ({e}); pass model= to get_model") from None
 
-    async def _generate_one(self, state: _LoopState, prompt: Any, p: Params) -> dict:
+    def _attempt_params(self, p: Params, attempt: int) -> Params:
+        if attempt and p.random_seed is not None:
+            return dataclasses.replace(p, random_seed=p.random_seed + attempt)  # the same seed, the same answer
+        return p
+
+    def _finish(self, row: dict, q: Params) -> str | None:
+        """Trim the row's stop phrase and parse its typed output; why the output is invalid, or None."""
+        if q.stop_phrases:
+            text, found = stops.trim(row["generation"], q.stop_phrases, not q.remove_stop_phrases)
+            if found:
+                row["generation"] = text
+                row["finish_reason"] = "stop"
+        if q.spec is not None:
+            try:
+                row["output"] = q.spec.parse(row["generation"])
+            except ValueError as e:
+                return str(e)
+        return None
+
+    def _invalid(self, why: str, generation: str) -> InvalidOutput:
+        attempts = 1 + self.max_output_retries
+        return InvalidOutput(f"the generation is not a valid typed output after {attempts} attempts: {why}", generation)
+
+    async def _generate_one(self, state: _LoopState, prompt: Any, p: Params, first_attempt: int = 0) -> dict:
         """One prompt, retried as a whole when its typed output does not validate."""
         self.check_prompt(prompt, p)
         timeout = p.timeout or self.timeout
-        failure = None
-        seed = p.random_seed
-        for attempt in range(1 + (self.max_output_retries if p.spec is not None else 0)):
-            if attempt and seed is not None:
-                p = dataclasses.replace(p, random_seed=seed + attempt)  # the same seed, the same answer
-            method, path, body = self.build_request(prompt, p)
+        for attempt in range(first_attempt, 1 + (self.max_output_retries if p.spec is not None else 0)):
+            q = self._attempt_params(p, attempt)
+            method, path, body = self.build_request(prompt, q)
             payload = _encode(body).encode()
-            row = await self._call(state, method, self._prefix + path, payload, timeout, lambda d: self.parse_response(d, prompt, p))
-            if p.stop_phrases:
-                text, found = stops.trim(row["generation"], p.stop_phrases, not p.remove_stop_phrases)
-                if found:
-                    row["generation"] = text
-                    row["finish_reason"] = "stop"
-            if p.spec is None:
+            row = await self._call(state, method, self._prefix + path, payload, timeout, lambda d: self.parse_response(d, prompt, q))
+            why = self._finish(row, q)
+            if why is None:
                 return row
-            try:
-                row["output"] = p.spec.parse(row["generation"])
-                return row
-            except ValueError as e:
-                failure = (str(e), row["generation"])
-        raise InvalidOutput(f"the generation is not a valid typed output after {attempt + 1} attempts: {failure[0]}", failure[1])
+        raise self._invalid(why, row["generation"])
 
-    async def _row(self, state: _LoopState, prompt: Any, p: Params, index: int, soft_fail: bool) -> dict:
-        async with state.slots:
+    async def _generate_batch(self, state: _LoopState, prompts: list[str], p: Params, first_attempt: int = 0) -> list:
+        """Several string prompts that share `p` in one request per attempt: one result per
+        prompt, a row or the InferenceError it ended in. A typed output that does not validate is
+        asked again, together with the others that did not; a 4xx is retried prompt by prompt, so
+        that only the one at fault gets the error; a request that fails for good fails each of
+        its prompts."""
+        for prompt in prompts:
+            self.check_prompt(prompt, p)
+        q = self._attempt_params(p, first_attempt)
+        method, path, body = self.build_batch_request(prompts, q)
+        payload = _encode(body).encode()
+        try:
+            rows = await self._call(state, method, self._prefix + path, payload, p.timeout or self.timeout,
+                                    lambda d: self.parse_batch_response(d, prompts, q))
+        except RequestRejected:  # each prompt alone (each takes a request slot of its own)
+            return list(await asyncio.gather(*(self._settle(self._generate_one(state, x, p, first_attempt)) for x in prompts)))
+        except InferenceError as e:
+            return [e] * len(prompts)
+        invalid = {i: why for i, row in enumerate(rows) if (why := self._finish(row, q)) is not None}
+        if invalid and first_attempt < self.max_output_retries:  # asked again, together
+            again = [prompts[i] for i in invalid]
+            if len(again) > 1:
+                redone = await self._generate_batch(state, again, p, first_attempt + 1)
+            else:
+                redone = [await self._settle(self._generate_one(state, again[0], p, first_attempt + 1))]
+            for i, result in zip(invalid, redone):
+                rows[i] = result
+        elif invalid:
+            for i, why in invalid.items():
+                rows[i] = self._invalid(why, rows[i]["generation"])
+        return rows
+
+    @staticmethod
+    async def _settle(coro) -> Any:
+        """The coroutine's result, or the InferenceError it raised."""
+        try:
+            return await coro
+        except InferenceError as e:
+            return e
+
+    async def _rows(self, state: _LoopState, prompts: list, p: Params, indices, soft_fail: bool) -> list:
+        """The rows of prompts at these positions of the call (one request, or one of several
+        prompts), with a failed prompt's error as a row (soft_fail) or as its InferenceError,
+        naming the prompt."""
+        if len(prompts) == 1:
             try:
-                return await self._generate_one(state, prompt, p)
+                return [await self._generate_one(state, prompts[0], p)]
             except InferenceError as e:
-                e.index = index
-                e.args = (f"prompt {index}: {e}",)
-                if not soft_fail:
-                    raise
-                generation = e.generation if isinstance(e, InvalidOutput) else None
-                row = {"generation": generation, "num_generated_tokens": 0, "finish_reason": "error", "error": str(e)}
-                if p.spec is not None:
-                    row["output"] = None
-                return row
+                out = [e]
+        else:
+            out = await self._generate_batch(state, prompts, p)
+        for k, result in enumerate(out):
+            if isinstance(result, InferenceError):
+                error = _for_prompt(result, indices[k])
+                if soft_fail:
+                    generation = error.generation if isinstance(error, InvalidOutput) else None
+                    row = {"generation": generation, "num_generated_tokens": 0, "finish_reason": "error", "error": str(error)}
+                    if p.spec is not None:
+                        row["output"] = None
+                    out[k] = row
+                else:
+                    out[k] = error
+        return out
 
     # ------------------------------------------------------------------ async API
 
@@ -278,14 +442,46 @@ class Client:
         await self._ensure_model(state)
         n = len(prompts)
         results: list = [None] * n
+        size = self.prompts_per_request
         cursor = 0
 
-        async def worker():
+        def take() -> tuple[range, Params]:
+            """The next prompts to send together: up to `size` consecutive string prompts with
+            the same parameters (one prompt when it is a chat or size is 1)."""
             nonlocal cursor
+            start = end = cursor
+            p = plan.params(start)
+            end += 1
+            if size > 1 and isinstance(prompts[start], str):
+                limit = min(n, start + size)
+                while end < limit and isinstance(prompts[end], str) and (plan.shared is not None or plan.params(end) == p):
+                    end += 1
+            cursor = end
+            return range(start, end), p
+
+        async def worker():
+            budget = state.budget
             while cursor < n:
-                i = cursor
-                cursor += 1
-                results[i] = await self._row(state, prompts[i], plan.params(i), i, soft)
+                if not budget.take(size):
+                    await budget.reserve(size)  # room first, then the prompts (no pause in between)
+                if cursor >= n:
+                    budget.release(size)
+                    return
+                try:
+                    indices, p = take()
+                except BaseException:
+                    budget.release(size)
+                    raise
+                if len(indices) < size:
+                    budget.release(size - len(indices))
+                try:
+                    rows = await self._rows(state, prompts[indices.start : indices.stop], p, indices, soft)
+                finally:
+                    budget.release(len(indices))
+                for row in rows:
+                    if isinstance(row, BaseException):
+                        raise row
+                results[indices.start : indices.stop] = rows
 
         await _run_workers([worker() for _ in range(min(n, self.max_concurrent_requests))])
         return results
@@ -295,16 +491,29 @@ class Client:
         plan = Plan(None, params)
         state = self._state()
         await self._ensure_model(state)
-        return await self._row(state, prompt, plan.shared, 0, self.soft_fail if soft_fail is None else soft_fail)
+        await state.budget.reserve(1)
+        try:
+            [row] = await self._rows(state, [prompt], plan.shared, [0], self.soft_fail if soft_fail is None else soft_fail)
+        finally:
+            state.budget.release(1)
+        if isinstance(row, BaseException):
+            raise row
+        return row
 
     async def generate_iter_async(
         self, prompts: Iterable | AsyncIterable, soft_fail: bool | None = None, **params
     ) -> AsyncIterator[tuple[int, dict]]:
         """(index, result) pairs as requests complete, reading `prompts` lazily: at most
-        max_concurrent_requests prompts are taken but unfinished, and a consumer that stops
-        reading stops the reading of prompts too. Items are prompts or dicts
-        {"prompt": ..., <parameter>: <value>, ...} with per-row parameters. Parameters given here
-        are scalars for every row."""
+        max_prompts_in_flight prompts are in flight (and one batch being gathered), at most as
+        many finished results wait for the consumer, and a consumer that stops reading stops
+        the reading of prompts too. Items are prompts or dicts {"prompt": ..., <parameter>:
+        <value>, ...} with per-row parameters. Parameters given here are scalars for every row.
+
+        A batch is gathered from the source under one lock, so only the newest items taken can
+        wait in a batch not yet sent: a source that blocks until older items finish (e.g. a
+        window of W items past the oldest unfinished one) cannot deadlock as long as
+        W >= prompts_per_request, and loses no throughput when W >= max_prompts_in_flight +
+        prompts_per_request."""
         job = _IterJob(self, prompts, Plan(None, params), self.soft_fail if soft_fail is None else soft_fail)
         await job.start()
         try:
@@ -328,9 +537,13 @@ class Client:
         state = self._state()
         await self._ensure_model(state)
         self.check_prompt(prompt, p)
-        async with state.slots:
-            async for piece in self._stream_pieces(state, prompt, p):
-                yield piece
+        await state.budget.reserve(1)
+        try:
+            async with state.slots:
+                async for piece in self._stream_pieces(state, prompt, p):
+                    yield piece
+        finally:
+            state.budget.release(1)
 
     async def _stream_pieces(self, state: _LoopState, prompt: Any, p: Params) -> AsyncIterator[str]:
         method, path, body = self.build_request(prompt, p, stream=True)
@@ -512,7 +725,7 @@ class Client:
         """The event loop of the sync API: its own thread, started on first use (uvloop if installed)."""
         with self._sync_lock:
             if self._sync_loop is None:
-                loop = _new_event_loop()
+                loop = new_event_loop()
                 thread = threading.Thread(target=loop.run_forever, name="servegen-client", daemon=True)
                 thread.start()
                 self._sync_loop, self._sync_thread = loop, thread
@@ -551,39 +764,72 @@ class _IterJob:
         state = client._state()
         await client._ensure_model(state)
         workers = client.max_concurrent_requests
-        self.results: asyncio.Queue = asyncio.Queue(maxsize=workers)
+        size = client.prompts_per_request
+        self.results: asyncio.Queue = asyncio.Queue(maxsize=client.max_prompts_in_flight)
         is_async = isinstance(self.source, AsyncIterable)
         source = aiter(self.source) if is_async else iter(self.source)
         lock = asyncio.Lock()
         counter = 0
         exhausted = False
+        held = None  # an item taken that did not fit the batch before it: the next batch starts with it
 
         async def next_item():
-            nonlocal counter, exhausted
+            """(index, prompt, params) of the next item, or None at the end."""
+            nonlocal counter, exhausted, held
+            if held is not None:
+                item, held = held, None
+                return item
             if exhausted:
                 return None
-            if is_async:
-                async with lock:  # an async generator takes one __anext__ at a time
-                    try:
-                        item = await anext(source)
-                    except StopAsyncIteration:
-                        exhausted = True
-                        return None
-            else:
-                try:
-                    item = next(source)
-                except StopIteration:
-                    exhausted = True
-                    return None
+            try:
+                item = await anext(source) if is_async else next(source)
+            except (StopAsyncIteration, StopIteration):
+                exhausted = True
+                return None
             counter += 1
-            return counter - 1, item
+            return (counter - 1, *self.plan.for_item(item))
+
+        async def take() -> list:
+            """The next items to send together, taken under one lock (an async generator takes
+            one __anext__ at a time, and only the newest items can wait in a batch), after room
+            for them is reserved."""
+            nonlocal held
+            async with lock:
+                await state.budget.reserve(size)
+                batch = []
+                try:
+                    first = await next_item()
+                    if first is not None:
+                        batch.append(first)
+                        if size > 1 and isinstance(first[1], str):
+                            p = first[2]
+                            while len(batch) < size and (item := await next_item()) is not None:
+                                if isinstance(item[1], str) and (item[2] is p or item[2] == p):
+                                    batch.append(item)
+                                else:
+                                    held = item
+                                    break
+                except BaseException:  # a bad item, or cancelled: the call ends, its room goes back
+                    state.budget.release(size)
+                    raise
+                state.budget.release(size - len(batch))
+                return batch
 
         async def worker():
-            while (taken := await next_item()) is not None:
-                index, item = taken
-                prompt, p = self.plan.for_item(item)
-                row = await client._row(state, prompt, p, index, self.soft_fail)
-                await self.results.put((index, row))
+            while batch := await take():
+                indices = [item[0] for item in batch]
+                try:  # the room is the batch's until its results are in the queue
+                    rows = await client._rows(state, [item[1] for item in batch], batch[0][2], indices, self.soft_fail)
+                    error = None
+                    for index, row in zip(indices, rows):
+                        if isinstance(row, BaseException):
+                            error = error or row
+                        else:
+                            await self.results.put((index, row))
+                finally:
+                    state.budget.release(len(batch))
+                if error is not None:  # after the rows that did finish
+                    raise error
 
         async def run():
             try:
@@ -622,12 +868,22 @@ async def _run_workers(coros: list) -> None:
         raise
 
 
-def _new_event_loop() -> asyncio.AbstractEventLoop:
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop when it is installed (less CPU per request), else asyncio's."""
     try:
         import uvloop
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+def _for_prompt(error: InferenceError, index: int) -> InferenceError:
+    """The error as prompt `index`'s own: one request's error can be several prompts'."""
+    own = type(error).__new__(type(error))
+    own.__dict__.update(error.__dict__)
+    own.args = (f"prompt {index}: {error}",)
+    own.index = index
+    return own
 
 
 def _check_prompts(prompts: Any) -> list:

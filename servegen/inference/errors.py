@@ -40,5 +40,11 @@ class InvalidOutput(InferenceError):
         self.generation = generation
 
 
+class BatchingUnsupported(ServegenError):
+    """A server that answered a request with several prompts without what counts each one's
+    generated tokens: not a failed prompt (soft_fail does not turn it into error rows) but a
+    server that needs prompts_per_request=1."""
+
+
 def redact(text: str, secret: str | None) -> str:
     return text.replace(secret, "***") if secret else text

@@ -12,6 +12,7 @@ each with its own extras. What each one is sent, per parameter:
 | typed output, chat | response_format json_schema | response_format json_schema | response_format json_schema | response_format json (*) | - |
 | typed output, completions | - | structured_outputs.json | json_schema (a string) | response_format json (*) | - |
 | string prompts | - | add_special_tokens=false | (**) | add_special_tokens=false | (**) |
+| several string prompts per request | - | prompt: [...], return_token_ids | prompt: [...], return_token_ids (***) | - | - |
 
 "-": not sent; typed outputs are then validated and retried on the client only. Every server type
 validates typed outputs on the client, constrained or not.
@@ -23,6 +24,14 @@ gets two. vLLM and trtllm-serve add special tokens only when told to (add_specia
 default true), which we turn off: the string is the exact model input. (Even told to, vLLM adds
 a BOS only if the tokenizer's post-processor does, as Llama 3's does.)
 extra_body={"add_special_tokens": True} turns it back on.
+(***) prompts_per_request > 1 (vLLM's default, SGLang's choice): the completions `prompt` field
+takes a list of strings and the server answers one choice per prompt, in order (`index`). The
+usage counts are the request's, so each prompt's num_generated_tokens is the length of its
+choice's `token_ids`, which `return_token_ids: true` asks for (vLLM >= 0.10.2; SGLang only
+since 2026, PR 30917, hence not its default); a server that leaves them out is an error, not a
+guess. trtllm-serve takes a list too but returns per-choice token ids only without text
+(detokenize=false), the hosted OpenAI API not at all, and transformers serve takes one string:
+one prompt per request for them.
 transformers serve rejects fields it does not know (ignore_eos, top_k, ...), so its extras go
 in its own `generation_config` field, a JSON string, sent only for sampling (temperature > 0:
 do_sample, which temperature alone does not switch on for a model whose generation_config lacks
@@ -34,6 +43,7 @@ from typing import Any
 
 from servegen.errors import ServegenError
 from servegen.inference.client import Client
+from servegen.inference.errors import BatchingUnsupported
 from servegen.inference.params import Params
 
 OPENAI_MAX_STOP = 4  # the hosted API's limit; the rest are trimmed on the client
@@ -44,6 +54,7 @@ class OpenAIClient(Client):
     a parameter is set away from its default."""
 
     server_type = "openai"
+    batching = "the OpenAI API returns no per-prompt token counts for several prompts"
     top_k_off = -1
     constrains_chat = True  # response_format json_schema on chat
     max_stop: int | None = OPENAI_MAX_STOP
@@ -104,6 +115,34 @@ class OpenAIClient(Client):
         if chat and self.constrains_chat:
             body["response_format"] = _response_format(p)
 
+    def build_batch_request(self, prompts: list[str], p: Params) -> tuple[str, str, dict]:
+        method, path, body = self.build_request(prompts[0], p)
+        body["prompt"] = list(prompts)
+        body.setdefault("return_token_ids", True)  # each choice's token ids: the usage is the request's
+        return method, path, body
+
+    def parse_batch_response(self, data: Any, prompts: list[str], p: Params) -> list[dict]:
+        choices = data["choices"]
+        if len(choices) != len(prompts):
+            raise ValueError(f"{len(choices)} choices for {len(prompts)} prompts")
+        rows: list = [None] * len(prompts)
+        for choice in choices:
+            token_ids = choice.get("token_ids")
+            if token_ids is None:
+                raise BatchingUnsupported(
+                    f"the {self.server_type} server answered {len(prompts)} prompts in one request without each "
+                    "choice's token_ids, so num_generated_tokens cannot be counted (return_token_ids needs vLLM "
+                    ">= 0.10.2, or an SGLang from 2026 on); pass prompts_per_request=1"
+                )
+            row = {"generation": choice["text"], "num_generated_tokens": len(token_ids),
+                   "finish_reason": choice.get("finish_reason")}
+            if p.top_logprobs is not None:
+                _add_logprobs(row, choice.get("logprobs"), False, p.top_logprobs)
+            rows[choice["index"]] = row
+        if any(row is None for row in rows):
+            raise ValueError(f"choice indexes {sorted(c['index'] for c in choices)} for {len(prompts)} prompts")
+        return rows
+
     def parse_response(self, data: Any, prompt: Any, p: Params) -> dict:
         choice = data["choices"][0]
         chat = not isinstance(prompt, str)
@@ -132,6 +171,8 @@ class OpenAIClient(Client):
 
 class VLLMClient(OpenAIClient):
     server_type = "vllm"
+    batching = True
+    default_prompts_per_request = 16  # measured: docs/clients.md#several-prompts-per-request
     max_stop = None
     sends_add_special_tokens = True
 
@@ -154,6 +195,7 @@ class VLLMClient(OpenAIClient):
 
 class SGLangClient(VLLMClient):
     server_type = "sglang"
+    default_prompts_per_request = 1  # per-choice token ids only in SGLang releases since 2026
     sends_add_special_tokens = False
 
     def add_keep_stop(self, body: dict) -> None:
@@ -168,6 +210,8 @@ class SGLangClient(VLLMClient):
 
 class TRTLLMClient(VLLMClient):
     server_type = "trtllm"
+    batching = "trtllm-serve returns per-prompt token ids only without the text (detokenize=false)"
+    default_prompts_per_request = 1
     top_k_off = 0
 
     def __init__(self, *args, structured_decoding: bool = False, **kwargs):
@@ -184,6 +228,7 @@ class HFClient(OpenAIClient):
     /v1/models can fail (then pass model=)."""
 
     server_type = "hf"
+    batching = "transformers serve takes one string prompt per request"
     max_stop = None
     constrains_chat = False
 

@@ -23,7 +23,8 @@ REPO = Path(__file__).resolve().parents[2]
 class JobStub(StubServer):
     """The stub server, plus: `delays[key]` seconds before answering that prompt, `held` prompts
     that get no answer until `release()`, `failing` prompts answered 500 every time, and
-    `finished`: the prompt keys in the order their answers were sent."""
+    `finished`: the prompt keys in the order their answers were sent. A request with several
+    prompts waits for the longest delay and any held prompt, and fails if one is failing."""
 
     def __init__(self):
         super().__init__()
@@ -47,21 +48,23 @@ class JobStub(StubServer):
     def total_requests(self) -> int:
         return sum(self.requests.values())
 
-    async def _answer(self, request, key, fault, payload):
-        if key in self.failing:
+    async def _answer(self, request, keys, fault, payload):
+        # a request with several prompts: as slow as its slowest, failing if one of them does
+        if any(key in self.failing for key in keys):
             fault = "500"
-        delay = self.delays.get(key, 0.0)
-        if delay or key in self.held:
+        delay = max(self.delays.get(key, 0.0) for key in keys)
+        held = [key for key in keys if key in self.held]
+        if delay or held:
             self.in_flight += 1  # a held or delayed request is in flight too
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             try:
                 await asyncio.sleep(delay)
-                while key in self.held and not self.released.is_set():
+                while held and not self.released.is_set():
                     await asyncio.sleep(0.005)
             finally:
                 self.in_flight -= 1
-        response = await super()._answer(request, key, fault, payload)
-        self.finished.append(key)
+        response = await super()._answer(request, keys, fault, payload)
+        self.finished.extend(keys)
         return response
 
 

@@ -30,13 +30,17 @@ from job_helpers import (
     write_dataset,
 )
 
+from servegen.cluster import launch
 from servegen.errors import ServerError
 from servegen.generation import job as job_module
 from servegen.generation.config import build_config
 from servegen.generation.job import WINDOW_PER_REQUEST, units_of
 from servegen.pipeline import generate
+from servegen.server import process
 
 SLURM_CONFIG = Path(__file__).parent / "configs" / "gen-slurm.yaml"
+# string prompts that are the row's question as it is: the job batches string prompts (never chats)
+BARE_TEMPLATE = f"++prompt_template={Path(__file__).parent / 'configs' / 'bare-template.yaml'}"
 
 
 @pytest.fixture(scope="module")
@@ -341,6 +345,39 @@ def test_requests_that_fail_for_good_give_rows_with_an_error_counted_in_the_summ
     assert not (out / "output.jsonl.done").exists()
 
 
+def test_string_prompts_go_several_per_request_and_give_the_same_file(stub, tmp_path):
+    """vLLM's default: string prompts (a template) with equal parameters share requests; the output
+    is the one one prompt per request gives: every row its own generation and token count, in
+    order, and a row the server rejects fails alone."""
+    data = tmp_path / "data.jsonl"
+    rows = write_dataset(data, 300)
+    rows[40]["question"] = "q40 TOO_LONG"
+    data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    for i in range(0, 300, 7):
+        stub.replies[f"q{i}"] = " ".join(["w"] * (i % 5 + 1))
+    outputs = {}
+    for per_request in (None, 1):
+        stub.reset()
+        out = tmp_path / f"out-{per_request}"
+        extra = [] if per_request is None else [f"++prompts_per_request={per_request}"]
+        run_generate(data, out, BARE_TEMPLATE, "++max_concurrent_requests=4", *extra, address=stub.base_url)
+        outputs[per_request] = read_jsonl(out / "output.jsonl")
+        sizes = stub.batch_sizes
+        if per_request is None:  # 16 (300 = 18 x 16 + 12), and the request with the rejected row again prompt by prompt
+            assert sorted(sizes) == [1] * 16 + [12] + [16] * 18
+        else:
+            assert sizes == [1] * 300
+        summary = summary_of(out)
+        assert (summary["rows"], summary["failed_rows"]) == (300, 1)
+    assert outputs[None] == outputs[1]
+    for row, written in zip(rows, outputs[None]):
+        if row["id"] == 40:
+            assert written["finish_reason"] == "error" and "maximum context length" in written["error"]
+            continue
+        text = stub.replies.get(row["question"], f"reply to {row['question']}")
+        assert written == {**row, "num_generated_tokens": len(text.split()), "finish_reason": "stop", "generation": text}
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -348,6 +385,10 @@ def test_requests_that_fail_for_good_give_rows_with_an_error_counted_in_the_summ
         (["++bogus=1"], "override bogus=1: no such key"),
         (["++max_concurrent_requests=many"], "override max_concurrent_requests='many'"),
         (["++max_concurrent_requests=0"], "max_concurrent_requests must be an integer >= 1"),
+        (["++prompts_per_request=0"], "prompts_per_request must be an integer >= 1 or None"),
+        (["--server_type", "hf", "++prompts_per_request=4", "++prompt_template=llama3-instruct"],
+         "server_type hf cannot take several prompts per request"),
+        (["++prompts_per_request=4"], "++prompts_per_request needs string prompts (a ++prompt_template)"),
         (["++inference.temperature=-1"], "temperature must be a number >= 0"),
         (["++prompt_template=no-such-template"], "unknown prompt template 'no-such-template'"),
         (["--server_gpus", "1"], "--server_address uses a running server; --server_gpus"),
@@ -382,20 +423,22 @@ def test_a_mistake_is_one_line_from_the_command_too(stub, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("concurrency, n", [(4, 500), (256, 4000)])
-def test_dispatch_stops_a_window_past_a_row_that_does_not_finish(stub, tmp_path, concurrency, n):
+@pytest.mark.parametrize("concurrency, per_request, n", [(4, 1, 500), (256, 1, 4000), (4, 16, 1000), (64, 16, 8000)])
+def test_dispatch_stops_a_window_past_a_row_that_does_not_finish(stub, tmp_path, concurrency, per_request, n):
     data = tmp_path / "data.jsonl"
     rows = write_dataset(data, n)
-    window = WINDOW_PER_REQUEST * concurrency
-    stub.held.add("q0")
+    window = WINDOW_PER_REQUEST * concurrency * per_request
+    stub.held.add("q0")  # and with it the request that carries it: rows 0 .. per_request-1
     out = tmp_path / "out"
     side = out / "output.jsonl.unordered"
-    with generating(data, out, f"++max_concurrent_requests={concurrency}", address=stub.base_url) as job:
+    args = [f"++max_concurrent_requests={concurrency}", f"++prompts_per_request={per_request}", BARE_TEMPLATE]
+    with generating(data, out, *args, address=stub.base_url) as job:
         try:
-            wait_for(lambda: len(complete_lines(side)) >= window - 1, 60, "the rows after the held one", job)
+            wait_for(lambda: len(complete_lines(side)) >= window - per_request, 60, "the rows after the held ones", job)
             time.sleep(0.5)  # a dispatcher that ignored the window would send more meanwhile
             assert stub.total_requests() == window
             assert stub.requests == once_each(rows[:window])
+            assert stub.batch_sizes == [per_request] * (window // per_request)
             assert stub.in_flight == 1
             assert complete_lines(out / "output.jsonl") == []  # row 0 is not done: nothing in order yet
             assert not (out / "output.jsonl.done").exists()
@@ -484,16 +527,18 @@ class StandInServer:
         self.proc.wait()
 
 
-def test_the_job_restarts_its_server_when_it_dies_and_gives_up_after_max_restarts(stub, tmp_path, monkeypatch):
+@pytest.mark.parametrize("per_request", [1, 16])
+def test_the_job_restarts_its_server_when_it_dies_and_gives_up_after_max_restarts(stub, tmp_path, monkeypatch, per_request):
     started: list[StandInServer] = []
-    monkeypatch.setattr(job_module, "start_server_here", lambda spec, cluster, log_path, name: StandInServer(started))
-    monkeypatch.setattr(job_module, "free_port", lambda: stub.port)
+    monkeypatch.setattr(launch, "start_server_here", lambda spec, cluster, log_path, name: StandInServer(started))
+    monkeypatch.setattr(process, "free_port", lambda: stub.port)
     data = tmp_path / "data.jsonl"
     rows = write_dataset(data, 40)
     out = tmp_path / "out"
     output = out / "output.jsonl"
     stub.held.add("q5")  # in flight when the server dies
-    overrides = [f"++input_file={data}", f"++output_dir={out}", "++server.model=stub-model", "++max_concurrent_requests=4"]
+    overrides = [f"++input_file={data}", f"++output_dir={out}", "++server.model=stub-model", "++max_concurrent_requests=4",
+                 f"++prompts_per_request={per_request}", BARE_TEMPLATE]
     errors = []
 
     def run(extra):
@@ -504,16 +549,19 @@ def test_the_job_restarts_its_server_when_it_dies_and_gives_up_after_max_restart
 
     thread = threading.Thread(target=run, args=(["++server.max_restarts=1"],))
     thread.start()
-    window = WINDOW_PER_REQUEST * 4
-    # dispatch stops a window past the held row: rows 0-4 in the output, 6..5+window-1 in the side file
-    wait_for(lambda: done_ids(output) == set(range(5 + window)) - {5}, 60, "every row the window lets through")
+    window = WINDOW_PER_REQUEST * 4 * per_request
+    # dispatch stops a window past the held row: rows 0-4 in the output, 6..5+window-1 in the side file;
+    # with 16 rows per request the window passes the end, and rows 0-15 wait with the held one
+    held = {5} if per_request == 1 else set(range(16))
+    wait_for(lambda: done_ids(output) == set(range(min(5 + window, 40))) - held, 60, "every row the window lets through")
     started[0].proc.kill()
     wait_for(lambda: stub.requests["q5"] == 2, 60, "the held row sent again to the restarted server")
     stub.release()
     thread.join(60)
     assert not errors and len(started) == 2
     assert read_jsonl(output) == [expected(r) for r in rows]
-    assert stub.requests == once_each(rows) + collections.Counter(["q5"])  # done rows were not sent again
+    # done rows were not sent again
+    assert stub.requests == once_each(rows) + collections.Counter(f"q{i}" for i in held)
     assert all(s.proc.poll() is not None for s in started)  # each stopped
 
     # a server that dies once more than ++server.max_restarts allows ends the job, rows kept
@@ -533,7 +581,7 @@ def test_the_job_restarts_its_server_when_it_dies_and_gives_up_after_max_restart
     assert isinstance(error, ServerError)
     assert str(error) == (f"the server exited with code -9 (log {out}/logs/vllm-server-2.log); "
                           "it was restarted 1 time(s) already, as many as ++server.max_restarts allows")
-    assert [r["id"] for r in read_jsonl(out / "output.jsonl")] == [0, 1, 2, 3, 4]
+    assert [r["id"] for r in read_jsonl(out / "output.jsonl")] == sorted(set(range(5)) - held)
     assert not (out / "output.jsonl.done").exists()
     stub.release()
 

@@ -16,6 +16,7 @@ def stub(stub_server):
     s = stub_server
     s.mode, s.fail_first, s.fault_rate, s.retry_after, s.stall_s, s.delay_s = "ok", 0, 0.3, "0", 5.0, 0.0
     s.models_status = 200
+    s.token_ids = True
     s.replies.clear()
     s.keep_bodies = True
     s.reset()

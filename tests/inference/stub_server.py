@@ -8,8 +8,12 @@ PUT /api, as documented in servegen/inference/nemo.py. What it answers:
 - the reply to a prompt is `replies[key]` if set (a string, or a list of strings: one per
   attempt, the last one repeating), else "reply to <key>"; the key is the prompt string, or the
   last chat message's content;
+- /v1/completions takes a list of prompts as vLLM does: one choice per prompt, in order, with
+  its `index`, and with `return_token_ids` each choice's `token_ids` (one per word, as the
+  usage counts words); the usage is the request's total. `token_ids=False` leaves them out
+  (a server that cannot say each prompt's token count);
 - a prompt containing TOO_LONG gets vLLM's 400 for a prompt over the context length, one
-  containing BAD_REQUEST a 422 in FastAPI's shape;
+  containing BAD_REQUEST a 422 in FastAPI's shape (in a list: the whole request, as vLLM);
 - `mode` injects faults: "500", "429" (Retry-After: `retry_after`), "drop" (connection closed
   with no answer), "truncate" (headers and half a body, then closed), "stall" (no answer for
   `stall_s`, then closed), "malformed" (200 with a body that is not JSON), "401" (refuses the
@@ -17,8 +21,9 @@ PUT /api, as documented in servegen/inference/nemo.py. What it answers:
   (each request: a random fault with probability `fault_rate`, from a seeded generator);
   `fail_first` > 0 limits the faults to each prompt's first `fail_first` requests.
 
-It counts requests and 200 answers per prompt key (`requests`, `answered`), records request
-bodies and headers, and the most requests it held at once (`max_in_flight`).
+It counts requests and 200 answers per prompt key (`requests`, `answered`; a request with a list
+counts once for each of its prompts), the prompts in each HTTP request (`batch_sizes`), records
+request bodies and headers, and the most HTTP requests it held at once (`max_in_flight`).
 """
 
 import asyncio
@@ -47,10 +52,12 @@ class StubServer:
         self.stall_s = 5.0
         self.delay_s = 0.0  # before every answer
         self.models_status = 200
+        self.token_ids = True  # answer return_token_ids
         self.replies: dict[str, object] = {}
         self.rng = random.Random(0)
         self.requests: collections.Counter = collections.Counter()
         self.answered: collections.Counter = collections.Counter()
+        self.batch_sizes: list[int] = []
         self.bodies: list[dict] = []
         self.headers: list[dict] = []
         self.keep_bodies = True
@@ -104,6 +111,7 @@ class StubServer:
     def reset(self) -> None:
         self.requests.clear()
         self.answered.clear()
+        self.batch_sizes.clear()
         self.bodies.clear()
         self.headers.clear()
         self.max_in_flight = 0
@@ -127,16 +135,19 @@ class StubServer:
             return self.rng.choice(FAULTS) if self.rng.random() < self.fault_rate else None
         return self.mode
 
-    async def _receive(self, request: web.Request, key_of) -> tuple[dict, str, str | None]:
+    async def _receive(self, request: web.Request, keys_of) -> tuple[dict, list[str], str | None]:
+        """The body, its prompts' keys, and the fault for this request (the first prompt's)."""
         body = await request.json()
-        key = key_of(body)
-        self.requests[key] += 1
+        keys = keys_of(body)
+        for key in keys:
+            self.requests[key] += 1
+        self.batch_sizes.append(len(keys))
         if self.keep_bodies:
             self.bodies.append(body)
             self.headers.append(dict(request.headers))
-        return body, key, self._fault(key)
+        return body, keys, self._fault(keys[0])
 
-    async def _answer(self, request: web.Request, key: str, fault: str | None, payload) -> web.StreamResponse:
+    async def _answer(self, request: web.Request, keys: list[str], fault: str | None, payload) -> web.StreamResponse:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -170,7 +181,8 @@ class StubServer:
                 return web.json_response({"error": {"message": f"invalid key in {auth!r}"}}, status=401)
             if fault == "malformed":
                 return web.Response(body=b'{"choices": [{"text": "unfinished', content_type="application/json")
-            self.answered[key] += 1
+            for key in keys:
+                self.answered[key] += 1
             if self.mode == "chunked":
                 response = web.StreamResponse(headers={"Content-Type": "application/json"})
                 response.enable_chunked_encoding()
@@ -194,53 +206,62 @@ class StubServer:
     async def _openai(self, request: web.Request) -> web.StreamResponse:
         chat = request.path.endswith("chat/completions")
 
-        def key_of(body):
-            return body["messages"][-1]["content"] if chat else body["prompt"]
+        def keys_of(body):
+            if chat:
+                return [body["messages"][-1]["content"]]
+            prompt = body["prompt"]
+            return list(prompt) if isinstance(prompt, list) else [prompt]
 
-        body, key, fault = await self._receive(request, key_of)
-        if "BAD_REQUEST" in key:  # FastAPI's shape for a validation error
+        body, keys, fault = await self._receive(request, keys_of)
+        if any("BAD_REQUEST" in key for key in keys):  # FastAPI's shape for a validation error
             return web.json_response({"detail": [{"loc": ["body", "x"], "msg": "field required"}]}, status=422)
-        if "TOO_LONG" in key:
+        if any("TOO_LONG" in key for key in keys):
             return web.json_response(
                 {"object": "error", "message": CONTEXT_ERROR, "type": "BadRequestError", "param": None, "code": 400},
                 status=400,
             )
-        text = self.reply_for(key, self.requests[key] - 1)
-        stops = body.get("stop") or []
-        finish = "length" if len(text.split()) >= body.get("max_tokens", 16) else "stop"
-        for stop in stops:
-            if stop in text:
-                text = text[: text.index(stop) + (len(stop) if body.get("include_stop_str_in_output") else 0)]
-                finish = "stop"
-        if body.get("stream") and fault is None:
-            return await self._stream(request, key, text, chat)
-        choice = {"index": 0, "finish_reason": finish}
-        if chat:
-            choice["message"] = {"role": "assistant", "content": text}
-        else:
-            choice["text"] = text
-        if body.get("logprobs"):
-            tokens = text.split(" ")
+        choices = []
+        for index, key in enumerate(keys):
+            text = self.reply_for(key, self.requests[key] - 1)
+            stops = body.get("stop") or []
+            finish = "length" if len(text.split()) >= body.get("max_tokens", 16) else "stop"
+            for stop in stops:
+                if stop in text:
+                    text = text[: text.index(stop) + (len(stop) if body.get("include_stop_str_in_output") else 0)]
+                    finish = "stop"
+            if body.get("stream") and fault is None:
+                return await self._stream(request, key, text, chat)
+            choice = {"index": index, "finish_reason": finish}
             if chat:
-                choice["logprobs"] = {
-                    "content": [
-                        {"token": t, "logprob": -0.5, "top_logprobs": [{"token": t, "logprob": -0.5}]} for t in tokens
-                    ]
-                }
+                choice["message"] = {"role": "assistant", "content": text}
             else:
-                choice["logprobs"] = {
-                    "tokens": tokens,
-                    "token_logprobs": [-0.5] * len(tokens),
-                    "top_logprobs": [{t: -0.5} for t in tokens],
-                }
+                choice["text"] = text
+            if body.get("logprobs"):
+                tokens = text.split(" ")
+                if chat:
+                    choice["logprobs"] = {
+                        "content": [
+                            {"token": t, "logprob": -0.5, "top_logprobs": [{"token": t, "logprob": -0.5}]} for t in tokens
+                        ]
+                    }
+                else:
+                    choice["logprobs"] = {
+                        "tokens": tokens,
+                        "token_logprobs": [-0.5] * len(tokens),
+                        "top_logprobs": [{t: -0.5} for t in tokens],
+                    }
+            if body.get("return_token_ids") and self.token_ids:
+                choice["token_ids"] = list(range(len(text.split())))
+            choices.append(choice)
+        generated = sum(len((c["message"]["content"] if chat else c["text"]).split()) for c in choices)
         payload = {
             "id": "cmpl-1",
             "object": "chat.completion" if chat else "text_completion",
             "model": body.get("model"),
-            "choices": [choice],
-            "usage": {"prompt_tokens": 5, "completion_tokens": len(text.split()), "total_tokens": 5 + len(text.split())},
+            "choices": choices,
+            "usage": {"prompt_tokens": 5 * len(keys), "completion_tokens": generated, "total_tokens": 5 * len(keys) + generated},
         }
-        return await self._answer(request, key, fault, payload)
+        return await self._answer(request, keys, fault, payload)
 
     async def _stream(self, request: web.Request, key: str, text: str, chat: bool) -> web.StreamResponse:
         self.answered[key] += 1
@@ -257,7 +278,7 @@ class StubServer:
         return response
 
     async def _nemo(self, request: web.Request) -> web.StreamResponse:
-        body, key, fault = await self._receive(request, lambda b: b["sentences"][0])
+        body, [key], fault = await self._receive(request, lambda b: [b["sentences"][0]])
         prompt = body["sentences"][0]
         text = self.reply_for(key, self.requests[key] - 1)
         end_strings = body.get("end_strings") or ["<|endoftext|>"]
@@ -271,10 +292,10 @@ class StubServer:
         sentence = prompt + text
         tokens = [prompt] + [w for w in text.split(" ") if w]  # the prompt as one token, then words
         payload = {"sentences": [sentence], "tokens": [tokens], "logprob": None, "token_ids": [[0] * len(tokens)]}
-        return await self._answer(request, key, fault, payload)
+        return await self._answer(request, [key], fault, payload)
 
     async def _megatron(self, request: web.Request) -> web.StreamResponse:
-        body, key, fault = await self._receive(request, lambda b: b["prompts"][0])
+        body, [key], fault = await self._receive(request, lambda b: [b["prompts"][0]])
         prompt = body["prompts"][0]
         if not isinstance(body.get("top_p", 0.0), float):
             return web.json_response("top_p must be a positive float less than or equal to 1.0")
@@ -282,4 +303,4 @@ class StubServer:
         words = text.split(" ")[: body["tokens_to_generate"]]
         text = " ".join(words)
         payload = {"text": [prompt + text], "segments": [[prompt] + words], "tokens": [[0] * (1 + len(words))]}
-        return await self._answer(request, key, fault, payload)
+        return await self._answer(request, [key], fault, payload)

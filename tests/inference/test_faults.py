@@ -101,7 +101,8 @@ def test_connection_refused_is_retried_then_reported():
 
 
 def test_4xx_is_not_retried_and_shows_the_servers_message(stub):
-    with client(stub) as llm:
+    # one prompt per request here; several: test_batching.py
+    with client(stub, prompts_per_request=1) as llm:
         with pytest.raises(ContextLengthError, match=r"prompt 1: .*HTTP 400 .* maximum context length is 512 tokens") as e:
             llm.generate(["fine", "TOO_LONG prompt"])
         assert e.value.index == 1 and e.value.status == 400

@@ -54,6 +54,27 @@ def test_request_bodies(server_type, golden):
     golden(f"bodies-{server_type}.json", json.dumps(bodies(server_type), indent=2) + "\n")
 
 
+BATCH = ["<|begin_of_text|>What's 2 + 2?", "<|begin_of_text|>What's 3 + 3?"]
+BATCH_CASES = [(name, params) for name, prompt, params in CASES if isinstance(prompt, str)]
+
+
+@pytest.mark.parametrize("server_type", ["vllm", "sglang"])
+def test_batched_request_bodies(server_type, golden):
+    """Several string prompts in one request: the same fields as one prompt's request, the prompts
+    as a list, and return_token_ids (each choice's token count)."""
+    llm = get_model(server_type, base_url="http://127.0.0.1:1", model="the-model", prompts_per_request=16)
+    out = []
+    for name, params in BATCH_CASES:
+        p = Plan(None, params).shared
+        method, path, body = llm.build_batch_request(BATCH, p)
+        single = llm.build_request(BATCH[0], p)[2]
+        assert {k: v for k, v in body.items() if k not in ("prompt", "return_token_ids")} == {
+            k: v for k, v in single.items() if k != "prompt"
+        }
+        out.append({"case": name, "request": f"{method} {path}", "body": body})
+    golden(f"bodies-batched-{server_type}.json", json.dumps(out, indent=2) + "\n")
+
+
 def test_trtllm_with_structured_decoding(golden):
     golden("bodies-trtllm-structured.json", json.dumps(bodies("trtllm", structured_decoding=True), indent=2) + "\n")
 

@@ -1,6 +1,7 @@
 """Calls of 10,000 prompts: results in input order, at most max_concurrent_requests in flight,
 per-prompt parameters carried to each request, and the iterator forms reading their prompts
-lazily with a bounded number taken but unfinished."""
+lazily with a bounded number taken but unfinished; with one prompt per request and with
+several (vLLM's default)."""
 
 import asyncio
 import itertools
@@ -14,15 +15,18 @@ from servegen.inference import ContextLengthError, get_model
 N = 10_000
 
 
-def test_10000_prompts_in_order_with_bounded_concurrency(stub):
+@pytest.mark.parametrize("per_request", [1, 16])
+def test_10000_prompts_in_order_with_bounded_concurrency(stub, per_request):
     stub.keep_bodies = False
     stub.delay_s = 0.002  # so that requests overlap
     prompts = [f"p{i}" for i in range(N)]
-    with get_model("vllm", base_url=stub.base_url, max_concurrent_requests=200) as llm:
+    with get_model("vllm", base_url=stub.base_url, max_concurrent_requests=200, prompts_per_request=per_request) as llm:
         rows = llm.generate(prompts, tokens_to_generate=8)
     assert [r["generation"] for r in rows] == [f"reply to p{i}" for i in range(N)]
+    assert [r["num_generated_tokens"] for r in rows] == [3] * N
     assert 150 <= stub.max_in_flight <= 200
     assert stub.answered == {p: 1 for p in prompts}
+    assert stub.batch_sizes == [per_request] * (N // per_request)
 
 
 def test_per_prompt_parameters_reach_each_request(stub):
@@ -42,7 +46,8 @@ def test_per_prompt_parameters_reach_each_request(stub):
         assert ("messages" in body) == (i % 3 == 0)
 
 
-def test_generate_iter_async_reads_lazily_and_streams_results(stub):
+@pytest.mark.parametrize("per_request", [1, 16])
+def test_generate_iter_async_reads_lazily_and_streams_results(stub, per_request):
     stub.keep_bodies = False
     stub.delay_s = 0.001
     concurrency = 64
@@ -52,13 +57,15 @@ def test_generate_iter_async_reads_lazily_and_streams_results(stub):
         nonlocal pulled
         for i in range(N):
             pulled += 1
-            yield f"p{i}" if i % 2 else {"prompt": f"p{i}", "tokens_to_generate": 3}
+            # runs of 50 with equal parameters (a request never mixes them)
+            yield f"p{i}" if i // 50 % 2 else {"prompt": f"p{i}", "tokens_to_generate": 3}
 
     async def main():
         seen = {}
         most_ahead = 0
         most_tasks = 0
-        async with get_model("vllm", base_url=stub.base_url, max_concurrent_requests=concurrency) as llm:
+        async with get_model("vllm", base_url=stub.base_url, max_concurrent_requests=concurrency,
+                             prompts_per_request=per_request) as llm:
             async for index, row in llm.generate_iter_async(prompts(), temperature=0.5):
                 seen[index] = row["generation"]
                 most_ahead = max(most_ahead, pulled - len(seen))
@@ -67,18 +74,21 @@ def test_generate_iter_async_reads_lazily_and_streams_results(stub):
 
     seen, most_ahead, most_tasks = asyncio.run(main())
     assert seen == {i: f"reply to p{i}" for i in range(N)}
-    # taken but not yet yielded: in flight + finished and queued for the consumer
-    assert most_ahead <= 2 * concurrency + 1
+    # taken but not yet yielded: in flight, finished and queued for the consumer (or waiting
+    # for room in the queue), one batch being gathered and one item that did not fit it
+    assert most_ahead <= 2 * concurrency * per_request + per_request + 1
     assert most_tasks <= 2 * concurrency + 3  # a worker each (and while connecting, a connect each)
     assert stub.max_in_flight <= concurrency
+    assert max(stub.batch_sizes) == per_request and sum(stub.batch_sizes) == N  # 50 = 3 x 16 + 2: runs end batches
 
 
-def test_generate_iter_sync_from_an_async_source_and_early_stop(stub):
+@pytest.mark.parametrize("per_request", [1, 16])
+def test_generate_iter_sync_from_an_async_source_and_early_stop(stub, per_request):
     async def prompts():
         for i in range(N):
             yield f"p{i}"
 
-    with get_model("vllm", base_url=stub.base_url, max_concurrent_requests=100) as llm:
+    with get_model("vllm", base_url=stub.base_url, max_concurrent_requests=100, prompts_per_request=per_request) as llm:
         results = {i: row["generation"] for i, row in llm.generate_iter(prompts())}
         assert results == {i: f"reply to p{i}" for i in range(N)}
         stub.reset()
@@ -88,7 +98,10 @@ def test_generate_iter_sync_from_an_async_source_and_early_stop(stub):
         time.sleep(0.2)
         sent = sum(stub.requests.values())
         time.sleep(0.3)
-        assert sum(stub.requests.values()) == sent < 500 + 2 * 100 + 2  # stopped with the consumer
+        # stopped with the consumer: besides the 501 consumed, at most the results the sync
+        # iterator took from the queue at once, the queue, the workers' batches, one batch being
+        # gathered and one item that did not fit it
+        assert sum(stub.requests.values()) == sent <= 501 + (3 * 100 + 1) * per_request + 1
 
 
 def test_iterator_errors(stub):

@@ -117,6 +117,32 @@ def test_context_length_overflow_is_a_clear_error(llm):
     assert row[1]["generation"] == "2 + 2 = 4."
 
 
+def test_several_prompts_per_request_give_the_same_rows_as_one_per_request(vllm_server):
+    """vLLM's default (16 string prompts per request, each choice's token ids counted) against one
+    prompt per request: the same generations, token counts and finish reasons, greedy and seeded,
+    with stop phrases, typed outputs, logprobs and a prompt over the context length among them."""
+    prompts = [raw(a, b) for a in range(0, 100, 9) for b in range(1, 100, 13)]  # 12 x 8 = 96
+    prompts[37] = RAW + "1 + 1 " * 400  # over max_model_len: a 400 for its request of 16
+    calls = [
+        dict(tokens_to_generate=20),
+        dict(tokens_to_generate=5),  # some stop at the length
+        dict(tokens_to_generate=12, temperature=1.0, top_k=50, random_seed=11),
+        dict(tokens_to_generate=20, stop_phrases=" =", remove_stop_phrases=False),
+        dict(tokens_to_generate=20, top_logprobs=1),
+        dict(tokens_to_generate=30, json_schema=BOUNDED),
+    ]
+    base = vllm_server.base_url
+    with get_model("vllm", base_url=base, prompts_per_request=1, soft_fail=True) as single, \
+            get_model("vllm", base_url=base, soft_fail=True) as batched:
+        assert batched.prompts_per_request == 16
+        for params in calls:
+            one = single.generate(prompts, **params)
+            several = batched.generate(prompts, **params)
+            assert several == one, params
+            assert "maximum context length" in several[37]["error"]
+            assert all(r["num_generated_tokens"] > 0 for i, r in enumerate(several) if i != 37)
+
+
 def test_runner(vllm_server):
     with Runner(server_type="vllm", base_url=vllm_server.base_url, template="llama3-instruct") as runner:
         assert runner.call("What's 2 + 2?", tokens_to_generate=20) == "2 + 2 = 4."
