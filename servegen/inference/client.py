@@ -47,7 +47,6 @@ from typing import Any
 from servegen.errors import ServegenError
 from servegen.inference import stops
 from servegen.inference.errors import (
-    BatchingUnsupported,
     ContextLengthError,
     InferenceError,
     InvalidOutput,

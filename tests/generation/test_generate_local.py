@@ -43,13 +43,6 @@ SLURM_CONFIG = Path(__file__).parent / "configs" / "gen-slurm.yaml"
 BARE_TEMPLATE = f"++prompt_template={Path(__file__).parent / 'configs' / 'bare-template.yaml'}"
 
 
-@pytest.fixture(scope="module")
-def stub_server():
-    server = JobStub().start()
-    yield server
-    server.stop()
-
-
 @pytest.fixture
 def stub(stub_server):
     s = stub_server

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from job_helpers import JobStub, read_jsonl, run_generate, write_dataset
+from job_helpers import read_jsonl, run_generate, write_dataset
 
 from servegen.demo_model.data import format_question, held_out_pairs
 from slurm.cluster import FINAL_STATES, job_states, require_slurm, slurm, wait_for_job, wait_for_sacct
@@ -27,13 +27,6 @@ pytestmark = pytest.mark.slurm
 
 CONFIG = Path(__file__).resolve().parents[1] / "slurm" / "configs" / "test-slurm.yaml"
 PREFIX = "servegen-test-"  # the config's job_name_prefix
-
-
-@pytest.fixture(scope="module")
-def stub_server():
-    server = JobStub().start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """start_server on the local cluster: the dry-run commands, one-line errors, and the real vLLM
 CPU server started, asked, and stopped with Ctrl-C leaving nothing behind."""
 
-import json
 import os
 import signal
 import subprocess
@@ -12,7 +11,7 @@ import urllib.request
 import psutil
 import pytest
 
-from servegen.demo_model.data import format_prompt
+from asking import ask_two_plus_two
 from servegen.server import SERVER_TYPES
 
 ENGINE_ENV = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_HOST_IP", "VLLM_TARGET_DEVICE", "SERVEGEN_CONFIG_DIR")
@@ -108,12 +107,7 @@ def test_real_vllm_server_answers_and_ctrl_c_leaves_nothing(demo_model, tmp_path
         assert address.startswith("http://127.0.0.1:")
         with urllib.request.urlopen(address + "/health", timeout=10) as r:
             assert r.status == 200
-        body = {"model": str(demo_model), "prompt": format_prompt("What's 2 + 2?"), "max_tokens": 16,
-                "temperature": 0}
-        request = urllib.request.Request(address + "/v1/completions", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as r:
-            assert json.load(r)["choices"][0]["text"] == "2 + 2 = 4."
+        assert ask_two_plus_two(address, str(demo_model)) == "2 + 2 = 4."
         tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
         assert len(tree) >= 3  # start_server, the API server, its engine core
         proc.send_signal(signal.SIGINT)

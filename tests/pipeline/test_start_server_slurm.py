@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from servegen.cluster import slurm as slurm_executor
 from servegen.cluster.config import load_cluster_config, parse_cluster_config
 from servegen.cluster.jobs import JobSpec
 from servegen.cluster.launch import srun_launch
-from servegen.demo_model.data import format_prompt
+from asking import ask_two_plus_two
 from servegen.server import SERVER_TYPES, build_server_command
 from servegen.server.command import ServerSpec
 from slurm.cluster import NODES, require_slurm, slurm, wait_for_job, wait_for_sacct
@@ -173,12 +172,7 @@ def test_real_vllm_server_in_a_slurm_job_answers_and_ctrl_c_cancels_the_job(demo
         address, job_id = ready.groups()
         assert any(f"submitted Slurm job {job_id}" in line for line in output.err)
         assert address.startswith("http://127.0.0.1:")  # the node's address (NodeAddr) on this cluster
-        body = {"model": str(demo_model), "prompt": format_prompt("What's 2 + 2?"), "max_tokens": 16,
-                "temperature": 0}
-        request = urllib.request.Request(address + "/v1/completions", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as r:
-            assert json.load(r)["choices"][0]["text"] == "2 + 2 = 4."
+        assert ask_two_plus_two(address, str(demo_model)) == "2 + 2 = 4."
         servers = [p for p in job_processes(job_id, "vllm.entrypoints")
                    if "start_server" in " ".join(p.parent().cmdline())]
         assert len(servers) == 1, [p.cmdline() for p in servers]  # one server, started once, in the job
