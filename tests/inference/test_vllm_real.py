@@ -8,6 +8,7 @@ import pydantic
 import pytest
 
 from servegen.inference import ContextLengthError, Runner, get_model
+from servegen.prompt import get_prompt
 
 pytestmark = pytest.mark.vllm
 
@@ -45,6 +46,14 @@ def test_raw_string_and_chat_prompts(llm, vllm_server):
     assert [r["generation"] for r in rows] == ["2 + 2 = 4.", "2 + 2 = 4."]
     assert [r["finish_reason"] for r in rows] == ["stop", "stop"]
     assert all(0 < r["num_generated_tokens"] < 20 for r in rows)
+
+
+def test_prompt_system_string_is_what_the_model_expects(llm):
+    prompt = get_prompt("generic/default", "llama3-instruct")
+    text = prompt.build_string({"question": "What's 2 + 2?"})
+    assert text == RAW
+    row = llm.generate([text], stop_phrases=prompt.stop_phrases, tokens_to_generate=20)[0]
+    assert row["generation"] == "2 + 2 = 4."
 
 
 def test_many_additions_at_once(llm):
