@@ -19,6 +19,7 @@ from servegen.errors import ServerError
 
 DEFAULT_READY_TIMEOUT_S = 30 * 60  # big models on shared filesystems load slowly
 STOP_GRACE_S = 20.0
+KILL_WAIT_S = 10.0  # a SIGKILLed process in uninterruptible I/O can take a moment to go
 LOG_TAIL_LINES = 50
 
 
@@ -135,7 +136,12 @@ class ServerProcess:
         while time.monotonic() < gone_by and _any_alive(self.proc, procs):
             time.sleep(0.1)
         if _any_alive(self.proc, procs):
-            _signal_all(self.proc.pid, _tree(self.proc.pid) + procs, signal.SIGKILL)
+            procs = _tree(self.proc.pid) + procs
+            _signal_all(self.proc.pid, procs, signal.SIGKILL)
+            # SIGKILL is delivered asynchronously: return only once the whole tree is gone.
+            gone_by = time.monotonic() + KILL_WAIT_S
+            while time.monotonic() < gone_by and _any_alive(self.proc, procs):
+                time.sleep(0.05)
         self.proc.wait()
 
     def __enter__(self) -> "ServerProcess":
