@@ -1,7 +1,7 @@
 """End-to-end tokens/s of `servegen generate` against a running vLLM CPU server, side by side
 with vLLM's own offline `LLM.generate` on the same prompts, model, engine flags and sampling.
 
-    .venv/bin/python benchmarks/generate_vs_offline.py [--rows 4000] [--rounds 3]
+    .venv/bin/python benchmarks/generate_vs_offline.py [--rows 4000] [--rounds 3] [--job_args '++k=v ...']
 
 Both sides run on servegen's demo model (built if needed), greedy, at most 32 new tokens, with
 the CPU engine flags servegen uses (float32, eager, 0.5 memory utilization, max_model_len 512)
@@ -22,6 +22,7 @@ Writes benchmarks/results/generate_vs_offline.json and prints a table.
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -87,6 +88,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--engine_limits", choices=["same", "vllm-defaults"], default="same",
                         help="scheduler limits: 256 sequences / 4096 tokens on both sides, or vLLM's own defaults")
+    parser.add_argument("--job_args", default="",
+                        help="extra overrides for the servegen job, e.g. '++prompts_per_request=64'")
     parser.add_argument("--offline_worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.offline_worker:
@@ -129,7 +132,8 @@ def main() -> None:
             warm.write_text("".join(json.dumps({"question": q}) + "\n" for q in qs[:64]))
             command = [sys.executable, "-m", "servegen.pipeline.generate", "--server_address", address,
                        "--server_type", "vllm", "++prompt_template=llama3-instruct",
-                       f"++inference.tokens_to_generate={MAX_TOKENS}", "++inference.temperature=0.0"]
+                       f"++inference.tokens_to_generate={MAX_TOKENS}", "++inference.temperature=0.0",
+                       *shlex.split(args.job_args)]
             served_once(command, warm, work / "warm")
             for r in range(args.rounds):
                 offline_proc.stdin.write("go\n")
@@ -158,7 +162,7 @@ def main() -> None:
     in_job = [row["in_job_ratio"] for row in table]
     result = {"rows": args.rows, "max_tokens": MAX_TOKENS, "engine": ENGINE,
               "engine_limits": LIMITS if args.engine_limits == "same" else "vLLM defaults (offline 256/4096, server 128/2048)",
-              "servegen_job": "defaults: 16 prompts per request, 1024 prompts in flight",
+              "servegen_job": "defaults: 16 prompts per request, 1024 prompts in flight" + (f"; {args.job_args}" if args.job_args else ""),
               "load_average_at_end": os.getloadavg(), "rounds": table,
               "ratio_servegen_to_offline": {"median": median, "min": min(ratios), "max": max(ratios)},
               "in_job_ratio": {"median": statistics.median(in_job), "min": min(in_job), "max": max(in_job)}}
@@ -166,7 +170,7 @@ def main() -> None:
     RESULT.write_text(json.dumps(result, indent=2) + "\n")
 
     print(f"{args.rows} prompts, greedy, <= {MAX_TOKENS} new tokens, demo model on vLLM CPU, "
-          f"engine limits: {args.engine_limits}")
+          f"engine limits: {args.engine_limits}" + (f", job: {args.job_args}" if args.job_args else ""))
     print(f"{'round':>5} {'offline tok/s':>14} {'servegen tok/s':>15} {'ratio':>7} {'in-job tok/s':>13} "
           f"{'in-job ratio':>13} {'identical texts':>16}")
     for i, row in enumerate(table):
