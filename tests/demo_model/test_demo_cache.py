@@ -26,7 +26,7 @@ def test_second_call_comes_from_the_cache(demo_model_dir):
     logged = []
     start = time.monotonic()
     assert build_demo_model(log=logged.append) == demo_model_dir
-    assert time.monotonic() - start < 0.5
+    assert time.monotonic() - start < 10  # a build takes minutes
     assert logged == []
     assert (weights.stat().st_mtime_ns, (demo_model_dir / "build_info.json").stat().st_mtime_ns) == before
     assert demo_model_path() == demo_model_dir
