@@ -11,8 +11,10 @@ import bisect
 import contextlib
 import json
 import math
+import socket
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -214,6 +216,11 @@ class Job:
             total = min(total, cfg.max_samples)
         if cfg.server.address is None:
             self.server = CoLocatedServer(cfg, Path(cfg.log_dir or self.out_dir / "logs"))
+        elif not answers(cfg.server.address):  # else every row would be written as failed
+            raise ServegenError(
+                f"nothing answers at {cfg.server.address}: start the server first (servegen start_server) "
+                "or fix --server_address"
+            )
         try:
             if self.server is not None:
                 self.server.start()
@@ -334,6 +341,15 @@ class Job:
         def server_died() -> bool:
             return self.server is not None and not self.server.alive()
 
+        def stop_if_server_gone(error: str) -> None:
+            # a failed request to a server that no longer takes connections is the server's
+            # fault, not the row's: stop, keeping what is done, instead of writing failed rows
+            if self.server is None and not answers(cfg.server.address):
+                raise ServegenError(
+                    f"the server at {cfg.server.address} stopped answering ({error}); the rows done are kept "
+                    f"in {path}: run the job again to resume"
+                )
+
         async def consume():
             try:
                 async with contextlib.aclosing(client.generate_iter_async(prompts(), **self._params(unit))) as results:
@@ -342,6 +358,7 @@ class Job:
             except InferenceError as e:  # ++soft_fail=false
                 if server_died():
                     raise ServerDied("the server died") from None
+                stop_if_server_gone(str(e))
                 if e.index not in in_flight:
                     raise
                 line_number = in_flight[e.index][1]
@@ -352,8 +369,10 @@ class Job:
 
         def handle(position: int, result: dict) -> None:
             index, _, row, started = in_flight.pop(position)
-            if "error" in result and server_died():
-                raise ServerDied("the server died")  # its requests are redone after the restart
+            if "error" in result:
+                if server_died():
+                    raise ServerDied("the server died")  # its requests are redone after the restart
+                stop_if_server_gone(result["error"])
             out = {**row, **{k: v for k, v in result.items() if k != "generation"}}
             out[cfg.generation_key] = result["generation"]
             writer.add(index, out)
@@ -389,6 +408,16 @@ class Job:
         if not complete:  # never marked done: a run again resumes
             raise RuntimeError(f"the requests ended but {path} lacks rows from {writer.next_index}")
         return stats.as_dict()
+
+
+def answers(address: str, timeout_s: float = 5.0) -> bool:
+    """Whether something takes TCP connections at a server address (http[s]://host[:port][/path])."""
+    url = urllib.parse.urlsplit(address)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 class RunStats:

@@ -9,6 +9,7 @@ import os
 import random
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -306,6 +307,63 @@ def test_a_bad_input_line_is_one_error_naming_it_and_the_rows_before_it_are_kept
     run_generate(data, out, "++max_concurrent_requests=4", address=stub.base_url)
     assert stub.requests == once_each(rows[40:])
     assert read_jsonl(output) == [expected(r) for r in rows]
+    assert (out / "output.jsonl.done").exists()
+
+
+def closed_port_address() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"  # closed when the block ends: nothing listens
+
+
+def test_a_server_address_where_nothing_answers_is_one_clear_error_before_any_row(tmp_path):
+    data = tmp_path / "data.jsonl"
+    write_dataset(data, 5)
+    out = tmp_path / "out"
+    address = closed_port_address()
+    done = run_generate(data, out, "--model", "m", address=address, expect_rc=2)
+    assert error_lines(done.stderr) == [
+        f"error: nothing answers at {address}: start the server first (servegen start_server) or fix --server_address"
+    ]
+    assert not (out / "output.jsonl").exists() and not (out / "output.jsonl.done").exists()
+
+
+@pytest.mark.parametrize("soft_fail", ["true", "false"])
+def test_a_server_that_goes_away_mid_job_stops_it_and_a_rerun_resumes(tmp_path, soft_fail):
+    """Requests that fail because the server is gone are not written as failed rows: the job
+    stops, keeps what is done, and the same command against a server again finishes the file."""
+    data = tmp_path / "data.jsonl"
+    rows = write_dataset(data, 100)
+    first = JobStub().start()
+    first.delay_s = 0.1  # 100 rows, 2 at a time: 5 s
+    args = ["--model", "m", "++max_concurrent_requests=2", "++prompts_per_request=1", "++inference.max_retries=1",
+            "++inference.retry_backoff=0.01", f"++soft_fail={soft_fail}", BARE_TEMPLATE]
+    out = tmp_path / "out"
+    output = out / "output.jsonl"
+    try:
+        with generating(data, out, *args, address=first.base_url) as job:
+            wait_for(lambda: len(complete_lines(output)) >= 5, 60, "five rows", job)
+            first.stop()
+            _, err = job.communicate(timeout=60)
+        assert job.returncode == 2, err
+        [message] = error_lines(err)
+        assert message.startswith(f"error: the server at {first.base_url} stopped answering (") and message.endswith(
+            f"cannot connect to 127.0.0.1:{first.port}: Connection refused); the rows done are kept in {output}: "
+            "run the job again to resume"
+        ), message
+    finally:
+        first.stop()
+    kept = read_jsonl(output)
+    assert 5 <= len(kept) < 100 and kept == [expected(r) for r in rows[:len(kept)]]  # no row with an error
+    assert not (out / "output.jsonl.done").exists()
+
+    second = JobStub().start()
+    try:
+        run_generate(data, out, *args, address=second.base_url)
+    finally:
+        second.stop()
+    assert read_jsonl(output) == [expected(r) for r in rows]
+    assert not set(second.requests) & {r["question"] for r in kept}
     assert (out / "output.jsonl.done").exists()
 
 

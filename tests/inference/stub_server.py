@@ -103,8 +103,8 @@ class StubServer:
         self._loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         self._loop.close()
 
-    def stop(self) -> None:
-        if self._loop is not None:
+    def stop(self) -> None:  # once or more
+        if self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
 
