@@ -132,16 +132,11 @@ class ServerProcess:
             return
         procs = _tree(self.proc.pid)
         _signal_all(self.proc.pid, procs, signal.SIGTERM)
-        gone_by = time.monotonic() + grace_s
-        while time.monotonic() < gone_by and _any_alive(self.proc, procs):
-            time.sleep(0.1)
-        if _any_alive(self.proc, procs):
+        if not _gone_within(self.proc, procs, grace_s):
             procs = _tree(self.proc.pid) + procs
             _signal_all(self.proc.pid, procs, signal.SIGKILL)
             # SIGKILL is delivered asynchronously: return only once the whole tree is gone.
-            gone_by = time.monotonic() + KILL_WAIT_S
-            while time.monotonic() < gone_by and _any_alive(self.proc, procs):
-                time.sleep(0.05)
+            _gone_within(self.proc, procs, KILL_WAIT_S)
         self.proc.wait()
 
     def __enter__(self) -> "ServerProcess":
@@ -169,6 +164,16 @@ def _signal_all(pgid: int, procs: list[psutil.Process], sig: int) -> None:
             p.send_signal(sig)
         except psutil.NoSuchProcess:
             pass
+
+
+def _gone_within(proc: subprocess.Popen, procs: list[psutil.Process], seconds: float) -> bool:
+    """Waits up to `seconds` for every process to end; whether they all did."""
+    deadline = time.monotonic() + seconds
+    while _any_alive(proc, procs):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
 
 
 def _any_alive(proc: subprocess.Popen, procs: list[psutil.Process]) -> bool:
