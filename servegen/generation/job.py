@@ -11,10 +11,8 @@ import bisect
 import contextlib
 import json
 import math
-import socket
 import sys
 import time
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from servegen.generation.config import GenerationConfig, build_config
 from servegen.generation.files import OrderedWriter, count_rows, done_marker, merge_chunks, read_rows
 from servegen.inference import CLIENTS, InferenceError, get_model
 from servegen.inference.client import new_event_loop
+from servegen.inference.http import connects
 from servegen.inference.params import Plan
 from servegen.prompt import get_prompt
 
@@ -216,7 +215,7 @@ class Job:
             total = min(total, cfg.max_samples)
         if cfg.server.address is None:
             self.server = CoLocatedServer(cfg, Path(cfg.log_dir or self.out_dir / "logs"))
-        elif not answers(cfg.server.address):  # else every row would be written as failed
+        elif not connects(cfg.server.address):  # else every row would be written as failed
             raise ServegenError(
                 f"nothing answers at {cfg.server.address}: start the server first (servegen start_server) "
                 "or fix --server_address"
@@ -344,7 +343,7 @@ class Job:
         def stop_if_server_gone(error: str) -> None:
             # a failed request to a server that no longer takes connections is the server's
             # fault, not the row's: stop, keeping what is done, instead of writing failed rows
-            if self.server is None and not answers(cfg.server.address):
+            if self.server is None and not connects(cfg.server.address):
                 raise ServegenError(
                     f"the server at {cfg.server.address} stopped answering ({error}); the rows done are kept "
                     f"in {path}: run the job again to resume"
@@ -408,16 +407,6 @@ class Job:
         if not complete:  # never marked done: a run again resumes
             raise RuntimeError(f"the requests ended but {path} lacks rows from {writer.next_index}")
         return stats.as_dict()
-
-
-def answers(address: str, timeout_s: float = 5.0) -> bool:
-    """Whether something takes TCP connections at a server address (http[s]://host[:port][/path])."""
-    url = urllib.parse.urlsplit(address)
-    try:
-        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout_s):
-            return True
-    except (OSError, ValueError):
-        return False
 
 
 class RunStats:

@@ -17,6 +17,7 @@ any exception.
 
 import asyncio
 import ipaddress
+import socket
 import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator
@@ -51,8 +52,21 @@ def make_transport(base_url: str, headers: dict[str, str], max_connections: int,
     return AiohttpTransport(base_url.rstrip("/"), headers, max_connections)
 
 
-def _proxied(host: str) -> bool:
-    """Whether the environment sends plain-http requests to this host through a proxy."""
+def connects(base_url: str, timeout_s: float = 5.0) -> bool:
+    """Whether a TCP connection to base_url's host and port opens now. True for an address the
+    environment sends through a proxy: only a request through the proxy can tell."""
+    parts = urllib.parse.urlsplit(base_url)
+    if _proxied(parts.hostname or "", parts.scheme):
+        return True
+    try:
+        with socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout_s):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _proxied(host: str, scheme: str = "http") -> bool:
+    """Whether the environment sends `scheme` requests to this host through a proxy."""
     if host == "localhost":
         return False
     try:
@@ -60,7 +74,7 @@ def _proxied(host: str) -> bool:
             return False  # a proxy for loopback is never what anyone means
     except ValueError:
         pass
-    return "http" in urllib.request.getproxies() and not urllib.request.proxy_bypass(host)
+    return scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(host)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import time
 import pytest
 
 from servegen.inference import RetriesExhausted, get_model
+from servegen.inference.http import connects
 
 BODY = json.dumps({"choices": [{"text": "ok", "finish_reason": "stop"}], "usage": {"completion_tokens": 1}}).encode()
 
@@ -169,3 +170,22 @@ def test_more_bytes_than_announced_are_dropped_with_the_connection():
     server = RawServer(lambda c, r: [head() + BODY + b"EXTRA"])
     assert generate(server, "fast", n=3) == ["ok"] * 3
     assert server.connections == 3
+
+
+def test_connects_tells_a_listening_port_from_a_closed_one_and_leaves_proxied_addresses_to_requests(monkeypatch):
+    for name in ("http_proxy", "https_proxy", "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        port = listening.getsockname()[1]
+        assert connects(f"http://127.0.0.1:{port}/v1")
+    assert not connects(f"http://127.0.0.1:{port}")  # closed now
+    assert not connects("https://servegen-test.invalid/v1")  # no such host
+    # through a proxy a TCP connection to the host tells nothing: only a request can
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    assert connects("https://servegen-test.invalid/v1")
+    assert not connects("http://servegen-test.invalid/v1")  # http is not proxied here
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    assert connects("http://servegen-test.invalid/v1")
+    assert not connects(f"http://127.0.0.1:{port}")  # loopback never goes through a proxy
