@@ -8,8 +8,10 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import submitit
 
@@ -48,11 +50,13 @@ class JobCommand(submitit.helpers.Checkpointable):
     submitit calls checkpoint(), which stops the command, and requeues the job, which runs the
     command again (the bodies resume from their files)."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], stop_grace_s: float = STOP_GRACE_S):
+    def __init__(self, argv: list[str], env: dict[str, str], stop_grace_s: float = STOP_GRACE_S,
+                 body: Callable[[list[str]], int] | None = None):
         self.argv = list(argv)
         self.env = dict(env)
         self.stop_grace_s = stop_grace_s  # on Slurm: less than the time between USR2 and the limit
-        self._proc: subprocess.Popen | None = None
+        self.body = body  # local runs only: see ForkedBody
+        self._proc: subprocess.Popen | ForkedBody | None = None
 
     def __getstate__(self):
         return {"argv": self.argv, "env": self.env, "stop_grace_s": self.stop_grace_s}
@@ -64,7 +68,11 @@ class JobCommand(submitit.helpers.Checkpointable):
         # several nodes: the body runs on the first; its server reaches the others with srun
         if int(os.environ.get("SLURM_PROCID", "0")) != 0:
             return 0
-        proc = self._proc = subprocess.Popen(self.argv, env={**os.environ, **self.env}, preexec_fn=_child_setup)
+        if self.body is None:
+            proc = subprocess.Popen(self.argv, env={**os.environ, **self.env}, preexec_fn=_child_setup)
+        else:
+            proc = ForkedBody(self.body, self.argv, self.env)
+        self._proc = proc
         code = _wait(proc)
         self._proc = None
         if code != 0:
@@ -83,6 +91,53 @@ class JobCommand(submitit.helpers.Checkpointable):
         if _wait(proc, self.stop_grace_s) is None:
             proc.kill()
             _wait(proc, 10)
+
+
+class ForkedBody:
+    """The command `python -m <body's module> ARGS` as a forked child that calls body(ARGS): the
+    same function, arguments and environment in a process of its own, without a second
+    interpreter's start-up and imports (most of a short job's run time). Popen's poll, send_signal
+    and kill, which is all JobCommand uses."""
+
+    def __init__(self, body: Callable[[list[str]], int], argv: list[str], env: dict[str, str]):
+        if argv[1:3] != ["-m", body.__module__]:
+            raise ValueError(f"{shlex.join(argv)} does not run {body.__module__}")
+        sys.stdout.flush()
+        sys.stderr.flush()  # else the child writes out what the parent buffered once more
+        self.returncode: int | None = None
+        self.pid = os.fork()
+        if self.pid == 0:
+            code = 1
+            try:
+                # as a new interpreter starts: not with the parent's handlers (stop_on_signals)
+                signal.signal(signal.SIGINT, signal.default_int_handler)
+                for signum in (signal.SIGTERM, signal.SIGHUP):
+                    signal.signal(signum, signal.SIG_DFL)
+                _child_setup()
+                os.environ.update(env)
+                code = body(argv[3:])
+            except SystemExit as e:
+                code = e.code if isinstance(e.code, int) else 1
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)  # never return into the parent's code
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def send_signal(self, signum: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signum)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
 
 
 def _child_setup() -> None:
@@ -117,11 +172,13 @@ def local_commands_text(job: JobSpec) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_local(job: JobSpec) -> None:
-    """Run each command of the job here, in order; the first failure stops the rest."""
+def run_local(job: JobSpec, body: Callable[[list[str]], int] | None = None) -> None:
+    """Run each command of the job here, in order; the first failure stops the rest. body: the
+    main function of the module the commands run, already imported here: each command then runs
+    as a ForkedBody."""
     for argv in job.commands:
         print(f"servegen: running {shlex.join(argv)}", file=sys.stderr, flush=True)
-        command = JobCommand(argv, job.env)
+        command = JobCommand(argv, job.env, body=body)
         try:
             command()
         finally:
