@@ -21,3 +21,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     .venv/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec triton 2>/dev/null || true
     echo "$want" > "$stamp"
 fi
+# An editable install leaves servegen's own modules uncompiled; where PYTHONDONTWRITEBYTECODE is
+# set (as on these machines) every servegen command would compile them again as it starts.
+.venv/bin/python -m compileall -q servegen > /dev/null
