@@ -38,6 +38,15 @@ WINDOW_PER_REQUEST = 4
 # max_concurrent_requests=null with one prompt per request (chats, server types that do not batch):
 # this many requests. With several prompts per request, the client's default: 1024 prompts in flight.
 ONE_PROMPT_REQUESTS = 512
+# Short generations (tokens_to_generate <= SHORT_GENERATION: answers, labels, verdicts) of string
+# prompts on a server type that batches, with neither setting given: 64 prompts per request and 64
+# requests in flight. A request lasts as long as its slowest prompt, short here, so big requests
+# cost the engine nothing and save the server's per-request CPU (vLLM's API server: about 3 ms per
+# request on the demo model); 64 requests, as with the client's default of 16 x 64, keep a few
+# long prompts from holding most of the window; the 4096 prompts queued wait for at most
+# 4096 x SHORT_GENERATION tokens (benchmarks/README.md, generate_vs_offline.py).
+SHORT_GENERATION = 128
+SHORT_PROMPTS_PER_REQUEST = SHORT_REQUESTS = 64
 # Latency histogram buckets (seconds, log-spaced from 1 ms to ~3 h): percentiles that chunks can merge.
 BUCKETS = [10 ** (-3 + i / 25) for i in range(176)]
 
@@ -247,6 +256,9 @@ class Job:
         cls = CLIENTS.get(cfg.server.server_type)  # an unknown one: get_model says so
         if concurrency is None and cls is not None and (per_request or cls.default_prompts_per_request) == 1:
             concurrency = ONE_PROMPT_REQUESTS
+        elif (concurrency is None and per_request is None and cls is not None
+              and cls.default_prompts_per_request > 1 and inf.tokens_to_generate <= SHORT_GENERATION):
+            per_request, concurrency = SHORT_PROMPTS_PER_REQUEST, SHORT_REQUESTS
         return get_model(
             cfg.server.server_type, base_url=address, model=model, max_concurrent_requests=concurrency,
             prompts_per_request=per_request, soft_fail=cfg.soft_fail,

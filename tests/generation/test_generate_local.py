@@ -429,6 +429,21 @@ def test_string_prompts_go_several_per_request_and_give_the_same_file(stub, tmp_
         assert written == {**row, "num_generated_tokens": len(text.split()), "finish_reason": "stop", "generation": text}
 
 
+@pytest.mark.parametrize("tokens, extra, size", [(128, [], 64), (129, [], 16), (32, ["++prompts_per_request=16"], 16)])
+def test_short_generations_go_64_per_request_with_64_requests_in_flight(stub, tmp_path, tokens, extra, size):
+    """At most SHORT_GENERATION tokens, with neither setting given: 64 prompts per request, 64
+    requests in flight; longer ones (or a prompts_per_request given): the client's 16 x 64."""
+    data = tmp_path / "data.jsonl"
+    rows = write_dataset(data, 4160)
+    stub.delay_s = 0.3  # the whole first wave of requests is still in flight when its last one is sent
+    out = tmp_path / "out"
+    run_generate(data, out, BARE_TEMPLATE, f"++inference.tokens_to_generate={tokens}", *extra, address=stub.base_url)
+    assert job_module.SHORT_GENERATION == 128
+    assert stub.batch_sizes == [size] * (4160 // size)
+    assert stub.max_in_flight == 64
+    assert read_jsonl(out / "output.jsonl") == [expected(r) for r in rows]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
