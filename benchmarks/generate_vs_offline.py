@@ -5,15 +5,16 @@ with vLLM's own offline `LLM.generate` on the same prompts, model, engine flags 
 
 Both sides run on servegen's demo model (built if needed), greedy, at most 32 new tokens, with
 the CPU engine flags servegen uses (float32, eager, 0.5 memory utilization, max_model_len 512)
-and the same scheduler limits: vLLM's defaults differ between its offline engine and its API
-server (on CPU 256 sequences and 4096 batched tokens against 128 and 2048), so both are given
-256 and 4096 (`--engine_limits vllm-defaults` leaves each side its own).
+and the same engine settings where vLLM's defaults differ between its offline engine and its API
+server: on CPU 256 sequences and 4096 batched tokens against 128 and 2048, and no statistics
+against per-step statistics for its log and /metrics; both sides get the offline defaults
+(`--engine_limits vllm-defaults` leaves each side its own).
 Offline: one process loads vllm.LLM, warms up, and times LLM.generate calls over every prompt.
 servegen: one vLLM server started with `servegen start_server`, warmed up, then the wall time
 of the whole `servegen generate` process (its start, reading the JSONL, building prompts with
 the llama3-instruct template, requests, writing the output) is timed, with the job's default
 concurrency and prompts per request; the job's own rate (its summary: from its first request
-to its last row, without the start-up of its two processes) is shown next to it. Both stay up,
+to its last row, without the start-up of its process) is shown next to it. Both stay up,
 and the rounds alternate between them, so that load from other work on the machine hits both
 alike; the median round is reported with the spread. Tokens are the generated tokens each side reports; both must agree on the texts.
 Writes benchmarks/results/generate_vs_offline.json and prints a table.
@@ -87,7 +88,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=4000)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--engine_limits", choices=["same", "vllm-defaults"], default="same",
-                        help="scheduler limits: 256 sequences / 4096 tokens on both sides, or vLLM's own defaults")
+                        help="256 sequences / 4096 tokens / no statistics on both sides, or vLLM's own defaults")
     parser.add_argument("--job_args", default="",
                         help="extra overrides for the servegen job, e.g. '++prompts_per_request=64'")
     parser.add_argument("--offline_worker", nargs=3, help=argparse.SUPPRESS)
@@ -113,7 +114,8 @@ def main() -> None:
         env = {**os.environ, **cpu_env, "VLLM_CACHE_ROOT": str(work / "vllm-cache")}
         server_args = f"--max-model-len {ENGINE['max_model_len']}"
         if args.engine_limits == "same":
-            server_args += f" --max-num-seqs {LIMITS['max_num_seqs']} --max-num-batched-tokens {LIMITS['max_num_batched_tokens']}"
+            server_args += (f" --max-num-seqs {LIMITS['max_num_seqs']} --max-num-batched-tokens "
+                            f"{LIMITS['max_num_batched_tokens']} --disable-log-stats")
         offline_proc = subprocess.Popen(
             [sys.executable, __file__, "--offline_worker", model, str(prompts_file), args.engine_limits],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
@@ -152,7 +154,7 @@ def main() -> None:
         row = {side: {"wall_s": round(r[side]["wall_s"], 3), "tokens": r[side]["tokens"],
                       "tokens_per_s": round(r[side]["tokens"] / r[side]["wall_s"])} for side in ("offline", "servegen")}
         row["ratio"] = round(row["servegen"]["tokens_per_s"] / row["offline"]["tokens_per_s"], 3)
-        # the job's own rate (its summary: requests only, without the two processes' start-up)
+        # the job's own rate (its summary: requests only, without the process's start-up)
         row["servegen"]["in_job_tokens_per_s"] = round(r["servegen"]["tokens"] / r["servegen"]["in_job_wall_s"])
         row["in_job_ratio"] = round(row["servegen"]["in_job_tokens_per_s"] / row["offline"]["tokens_per_s"], 3)
         row["identical_texts"] = sum(a == b for a, b in zip(r["offline"]["texts"], r["servegen"]["texts"]))
@@ -161,8 +163,10 @@ def main() -> None:
     median = statistics.median(ratios)
     in_job = [row["in_job_ratio"] for row in table]
     result = {"rows": args.rows, "max_tokens": MAX_TOKENS, "engine": ENGINE,
-              "engine_limits": LIMITS if args.engine_limits == "same" else "vLLM defaults (offline 256/4096, server 128/2048)",
-              "servegen_job": "defaults: 16 prompts per request, 1024 prompts in flight" + (f"; {args.job_args}" if args.job_args else ""),
+              "engine_limits": {**LIMITS, "log_stats": False} if args.engine_limits == "same"
+              else "vLLM defaults (offline 256/4096 without statistics, server 128/2048 with)",
+              "servegen_job": "defaults (short generations: 64 prompts per request, 64 requests in flight)"
+              + (f"; {args.job_args}" if args.job_args else ""),
               "load_average_at_end": os.getloadavg(), "rounds": table,
               "ratio_servegen_to_offline": {"median": median, "min": min(ratios), "max": max(ratios)},
               "in_job_ratio": {"median": statistics.median(in_job), "min": min(in_job), "max": max(in_job)}}
