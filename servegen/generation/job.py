@@ -22,7 +22,7 @@ from servegen.cluster.config import load_cluster_config
 from servegen.errors import ServegenError, ServerError
 from servegen.generation.config import GenerationConfig, build_config
 from servegen.generation.files import OrderedWriter, count_rows, done_marker, merge_chunks, read_rows
-from servegen.inference import CLIENTS, InferenceError, get_model
+from servegen.inference import CLIENTS, InferenceError, ModelUnknown, get_model
 from servegen.inference.client import new_event_loop
 from servegen.inference.http import connects
 from servegen.inference.params import Plan
@@ -366,6 +366,13 @@ class Job:
                 async with contextlib.aclosing(client.generate_iter_async(prompts(), **self._params(unit))) as results:
                     async for position, result in results:
                         handle(position, result)
+            except ModelUnknown as e:
+                if self.server is not None:  # the job's own server: not something a flag fixes
+                    raise
+                raise ServegenError(
+                    f"cannot find out which model the server at {cfg.server.address} serves ({e.cause}); "
+                    "pass --model with the name it serves"
+                ) from None
             except InferenceError as e:  # ++soft_fail=false
                 if server_died():
                     raise ServerDied("the server died") from None

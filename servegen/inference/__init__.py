@@ -11,6 +11,7 @@ from servegen.inference.errors import (
     ContextLengthError,
     InferenceError,
     InvalidOutput,
+    ModelUnknown,
     RequestRejected,
     RetriesExhausted,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "ContextLengthError",
     "InferenceError",
     "InvalidOutput",
+    "ModelUnknown",
     "RequestRejected",
     "RetriesExhausted",
     "Runner",

@@ -50,6 +50,7 @@ from servegen.inference.errors import (
     ContextLengthError,
     InferenceError,
     InvalidOutput,
+    ModelUnknown,
     RequestRejected,
     RetriesExhausted,
     redact,
@@ -327,7 +328,7 @@ class Client:
         try:
             self.model = await self._call(state, "GET", self._prefix + "/v1/models", None, min(self.timeout, 60.0), first_model)
         except InferenceError as e:
-            raise InferenceError(f"cannot find out which model the server serves ({e}); pass model= to get_model") from None
+            raise ModelUnknown(f"cannot find out which model the server serves ({e}); pass model= to get_model", str(e)) from None
 
     def _attempt_params(self, p: Params, attempt: int) -> Params:
         if attempt and p.random_seed is not None:

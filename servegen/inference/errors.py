@@ -32,6 +32,14 @@ class RetriesExhausted(InferenceError):
     """Connection errors, timeouts, 429s, 5xx or malformed bodies on every attempt."""
 
 
+class ModelUnknown(InferenceError):
+    """/v1/models failed, so the client cannot name the model in its requests. `cause` says why."""
+
+    def __init__(self, message: str, cause: str):
+        super().__init__(message)
+        self.cause = cause
+
+
 class InvalidOutput(InferenceError):
     """A typed output that did not parse or validate on any attempt. `generation` is the last text."""
 

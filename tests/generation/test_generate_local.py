@@ -329,6 +329,25 @@ def test_a_server_address_where_nothing_answers_is_one_clear_error_before_any_ro
 
 
 @pytest.mark.parametrize("soft_fail", ["true", "false"])
+def test_a_server_whose_model_list_fails_is_one_error_that_says_to_pass_model(stub, tmp_path, soft_fail):
+    data = tmp_path / "data.jsonl"
+    rows = write_dataset(data, 5)
+    out = tmp_path / "out"
+    stub.models_status = 500
+    try:
+        done = run_generate(data, out, f"++soft_fail={soft_fail}", "++inference.max_retries=0",
+                            address=stub.base_url, expect_rc=2)
+        [line] = error_lines(done.stderr)
+        assert line.startswith(f"error: cannot find out which model the server at {stub.base_url} serves (")
+        assert "HTTP 500" in line and line.endswith("); pass --model with the name it serves"), line
+        assert stub.total_requests() == 0 and not (out / "output.jsonl.done").exists()
+        run_generate(data, out, "--model", "stub-model", f"++soft_fail={soft_fail}", address=stub.base_url)
+    finally:
+        stub.models_status = 200
+    assert read_jsonl(out / "output.jsonl") == [expected(r) for r in rows]
+
+
+@pytest.mark.parametrize("soft_fail", ["true", "false"])
 def test_a_server_that_goes_away_mid_job_stops_it_and_a_rerun_resumes(tmp_path, soft_fail):
     """Requests that fail because the server is gone are not written as failed rows: the job
     stops, keeps what is done, and the same command against a server again finishes the file."""

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from servegen.inference import ContextLengthError, RequestRejected, RetriesExhausted, get_model
+from servegen.inference import ContextLengthError, ModelUnknown, RequestRejected, RetriesExhausted, get_model
 from servegen.inference.client import _retry_after
 
 FAST = dict(retry_backoff=0.001, max_backoff=0.01)
@@ -126,8 +126,9 @@ def test_soft_fail_gives_error_rows_and_keeps_the_rest(stub):
 def test_models_endpoint_failure_says_to_pass_model(stub):
     stub.models_status = 500
     with client(stub, max_retries=1) as llm:
-        with pytest.raises(Exception, match=r"cannot find out which model the server serves .*; pass model= to get_model"):
+        with pytest.raises(ModelUnknown, match=r"cannot find out which model the server serves .*; pass model= to get_model") as e:
             llm.generate(["a"])
+        assert "HTTP 500" in e.value.cause
     stub.models_status = 200
     with client(stub) as llm:
         llm.generate(["a"])
