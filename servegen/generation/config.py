@@ -58,9 +58,10 @@ class GenerationConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     stop_phrases: list[str] = field(default_factory=list)  # besides the template's
     # HTTP requests in flight; None: 512 of one prompt each, or when string prompts share requests
-    # (vLLM), the client's default: 1024 prompts in flight (64 requests of 16)
+    # (vLLM), the client's default: 1024 prompts in flight (64 requests of 16); for generations of at
+    # most 128 tokens, 64 requests of 64 (generation/job.py SHORT_GENERATION)
     max_concurrent_requests: int | None = None
-    prompts_per_request: int | None = None  # string prompts per request; None: the server type's default (vLLM: 16)
+    prompts_per_request: int | None = None  # string prompts per request; None: the server type's default (vLLM: 16; 64 for short generations)
     generation_key: str = "generation"
     output_type: dict[str, str] | None = None  # typed output, e.g. {"answer": "int"}
     random_seeds: list[int] | None = None  # one output-rs{seed}.jsonl each; None: output.jsonl

@@ -36,7 +36,8 @@ from servegen.prompt import get_prompt
 # sent: the window (>= prompts_per_request) never deadlocks (see Client.generate_iter_async).
 WINDOW_PER_REQUEST = 4
 # max_concurrent_requests=null with one prompt per request (chats, server types that do not batch):
-# this many requests. With several prompts per request, the client's default: 1024 prompts in flight.
+# this many requests. With several prompts per request, the client's default: 1024 prompts in flight
+# (short generations: see SHORT_GENERATION).
 ONE_PROMPT_REQUESTS = 512
 # Short generations (tokens_to_generate <= SHORT_GENERATION: answers, labels, verdicts) of string
 # prompts on a server type that batches, with neither setting given: 64 prompts per request and 64

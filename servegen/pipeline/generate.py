@@ -11,9 +11,9 @@ from pathlib import Path
 from servegen.cluster.config import ClusterConfig, load_cluster_config
 from servegen.cluster.jobs import JobFailed, JobSpec, local_commands_text, run_local
 from servegen.errors import ServegenError
-from servegen.generation import job as job_body
 from servegen.generation.config import GenerationConfig, build_config, parse_overrides, to_overrides
 from servegen.generation.job import Job, Unit, forget_outputs, is_done, merge_finished
+from servegen.generation.job import main as job_main  # what a local job's forked child runs
 from servegen.pipeline.common import add_server_flags, parse_time_limit, run_main, stop_on_signals
 from servegen.server.command import split_args
 
@@ -80,7 +80,7 @@ def _generate(argv: list[str] | None) -> int:
             return 0
         try:
             with stop_on_signals():
-                run_local(job, body=job_body.main)
+                run_local(job, body=job_main)
         except JobFailed as e:
             if e.code < 0:  # killed by a signal: it could not say why
                 raise
@@ -211,7 +211,7 @@ def _command(cfg: GenerationConfig, unit: Unit | None = None) -> list[str]:
         cfg = build_config([], base=cfg)
         cfg.random_seeds = None if unit.seed is None else [unit.seed]
         cfg.chunk_ids = None if unit.chunk is None else [unit.chunk]
-    return [sys.executable, "-m", job_body.__name__, *to_overrides(cfg)]
+    return [sys.executable, "-m", job_main.__module__, *to_overrides(cfg)]
 
 
 if __name__ == "__main__":
