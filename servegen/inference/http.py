@@ -108,7 +108,10 @@ class FastTransport:
     async def _connect(self, timeout: float | None) -> "_Connection":
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await asyncio.wait_for(loop.create_connection(_Connection, self.host, self.port), timeout)
+            # not asyncio.wait_for: on Python 3.11 it loses a cancel that comes as the connection
+            # attempt fails (it raises the failure instead), and the cancelled caller carries on
+            async with asyncio.timeout(timeout):
+                _, conn = await loop.create_connection(_Connection, self.host, self.port)
         except asyncio.TimeoutError:
             raise TimeoutError(f"connecting to {self.host}:{self.port} took more than {timeout} s") from None
         except OSError as e:

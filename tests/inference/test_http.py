@@ -3,6 +3,7 @@ packets, chunked bodies with extensions and trailers, bodies that end with the c
 interim 100 responses, Connection: close, keep-alive reuse, connections the server closes while
 idle, big bodies, garbage. Both transports (servegen's own and aiohttp) must read them the same."""
 
+import asyncio
 import json
 import socket
 import threading
@@ -11,7 +12,7 @@ import time
 import pytest
 
 from servegen.inference import RetriesExhausted, get_model
-from servegen.inference.http import connects
+from servegen.inference.http import FastTransport, connects
 
 BODY = json.dumps({"choices": [{"text": "ok", "finish_reason": "stop"}], "usage": {"completion_tokens": 1}}).encode()
 
@@ -189,3 +190,29 @@ def test_connects_tells_a_listening_port_from_a_closed_one_and_leaves_proxied_ad
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
     assert connects("http://servegen-test.invalid/v1")
     assert not connects(f"http://127.0.0.1:{port}")  # loopback never goes through a proxy
+
+
+def test_a_request_cancelled_as_its_connection_attempt_fails_ends_cancelled():
+    """The cancel must win: a caller that got the connection error instead carries on as if
+    not cancelled (a generation job then waited forever on its full result queue)."""
+
+    async def attempt():
+        loop = asyncio.get_running_loop()
+        task = None
+
+        async def refused(*args, **kwargs):
+            attempt = loop.create_future()
+
+            def fail_then_cancel():  # in one loop turn, before the caller resumes
+                attempt.set_exception(ConnectionRefusedError(111, "Connection refused"))
+                task.cancel()
+
+            loop.call_soon(fail_then_cancel)
+            await attempt
+
+        loop.create_connection = refused
+        task = asyncio.ensure_future(FastTransport("127.0.0.1", 9, {}).request("GET", "/v1/models", None, 30.0))
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(attempt())
