@@ -1,0 +1,84 @@
+"""The job config's ++key=value overrides: servegen's own reading of plain overrides agrees with
+Hydra's grammar, and a job's command line rebuilds the config it came from."""
+
+import subprocess
+import sys
+
+import pytest
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException
+
+from servegen.errors import ConfigError
+from servegen.generation.config import _parse_plain, build_config, to_overrides
+
+# what servegen writes into job commands and what users typically type: read without Hydra
+PLAIN = [
+    "++inference.temperature=0.7", "++inference.tokens_to_generate=512", "max_samples=-1", "+x=0",
+    "++soft_fail=true", "++soft_fail=False", "++rerun_done=TRUE", "++server.address=null", "++a=NULL",
+    "++prompt_config=generic/math", "++prompt_template=llama3-instruct", "++input_file=/tmp/a-b/c_1.jsonl",
+    "++server.address=http://127.0.0.1:8000", "++x=_private", "++x=info", "++x=true-ish", "++x=nullable",
+    "++x=a.5e3", "++x=/", "++x=''", "++x='hello world'", '++x="a, b: [c]"', "++x=-12", "++x=+3", "++x=0.0",
+    "++x=12.50", "++x=data.v2", "++x=inf-x", "++x=nan_ok",
+]
+# read by Hydra's parser: servegen's reading declines them
+NOT_PLAIN = [
+    "++x=1_000", "++x=.5", "++x=5.", "++x=1e3", "++x=inf", "++x=-inf", "++x=NaN", "++x=007", "++x=a b",
+    "++x= 5", "++x=a,b", "++x=[1,2]", "++x={a:1}", "++x='a\\'b'", "++x=${y}", "++x='${y}'", "++x=a\\,b",
+    "++x=", "~x", "++x.1=2", "++x-y=1", "++x=été", "++x=\"a\\nb\"", "++stop_phrases=[\"</answer>\"]",
+    "++x=1.5.2", "++x=5a",
+]
+
+
+def hydra_value(override: str):
+    parsed = OverridesParser.create().parse_overrides([override])[0]
+    return parsed.key_or_group, parsed.value()
+
+
+@pytest.mark.parametrize("override", PLAIN)
+def test_plain_overrides_read_as_hydra_reads_them(override):
+    ours = _parse_plain(override)
+    assert ours is not None, f"{override} should not need Hydra's parser"
+    theirs = hydra_value(override)
+    assert ours == theirs and type(ours[1]) is type(theirs[1])
+
+
+@pytest.mark.parametrize("override", NOT_PLAIN)
+def test_other_overrides_are_left_to_hydra(override):
+    assert _parse_plain(override) is None
+    try:
+        hydra_value(override)
+    except HydraException:
+        pass  # also fine: Hydra's one-line error is what the user sees
+
+
+def test_mixed_overrides_all_go_through_hydra_and_keep_their_meaning():
+    cfg = build_config(["++inference.temperature=0.7", "++stop_phrases=['</a>','x, y']", "++max_samples=1_000"])
+    assert cfg.inference.temperature == 0.7
+    assert cfg.stop_phrases == ["</a>", "x, y"]
+    assert cfg.max_samples == 1000
+
+
+def test_an_override_hydra_cannot_parse_is_one_clear_error():
+    with pytest.raises(ConfigError, match="cannot parse overrides"):
+        build_config(["++x=[1,"])
+
+
+def test_a_job_command_line_rebuilds_its_config():
+    cfg = build_config(["++input_file=/data/in put.jsonl", "++output_dir=out", "++prompt_template=llama3-instruct"])
+    cfg.stop_phrases = ["\n\n", "it's", "${x}", "a\\", "inf", "true", "007", ""]
+    cfg.output_type = {"answer": "int"}
+    cfg.server.address = "http://127.0.0.1:8000"
+    cfg.inference.temperature = 0.25
+    assert build_config(to_overrides(cfg)) == cfg
+
+
+def test_a_plain_job_command_line_does_not_import_hydra():
+    # Hydra's package is ~70 ms of start-up (benchmarks/README.md); a plain job must not pay it
+    code = (
+        "import sys; from servegen.generation.config import build_config, to_overrides;"
+        "cfg = build_config(['++input_file=/d/in.jsonl', '++inference.temperature=0.7', '++soft_fail=false']);"
+        "again = build_config(to_overrides(cfg)); print(again.soft_fail, again.inference.temperature,"
+        "sorted(m for m in sys.modules if m.split('.')[0] == 'hydra'))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "0.7", "[]"]
