@@ -18,7 +18,8 @@ PLAIN = [
     "++prompt_config=generic/math", "++prompt_template=llama3-instruct", "++input_file=/tmp/a-b/c_1.jsonl",
     "++server.address=http://127.0.0.1:8000", "++x=_private", "++x=info", "++x=true-ish", "++x=nullable",
     "++x=a.5e3", "++x=/", "++x=''", "++x='hello world'", '++x="a, b: [c]"', "++x=-12", "++x=+3", "++x=0.0",
-    "++x=12.50", "++x=data.v2", "++x=inf-x", "++x=nan_ok",
+    "++x=12.50", "++x=data.v2", "++x=inf-x", "++x=nan_ok", "++x=true:x", "++x=infinity", "++x=E-5", "++x=a:",
+    "++x=inf.x", "++x=null/x",
 ]
 # read by Hydra's parser: servegen's reading declines them
 NOT_PLAIN = [
