@@ -201,14 +201,14 @@ def test_a_request_cancelled_as_its_connection_attempt_fails_ends_cancelled():
         task = None
 
         async def refused(*args, **kwargs):
-            attempt = loop.create_future()
+            connecting = loop.create_future()
 
             def fail_then_cancel():  # in one loop turn, before the caller resumes
-                attempt.set_exception(ConnectionRefusedError(111, "Connection refused"))
+                connecting.set_exception(ConnectionRefusedError(111, "Connection refused"))
                 task.cancel()
 
             loop.call_soon(fail_then_cancel)
-            await attempt
+            await connecting
 
         loop.create_connection = refused
         task = asyncio.ensure_future(FastTransport("127.0.0.1", 9, {}).request("GET", "/v1/models", None, 30.0))
