@@ -67,7 +67,9 @@ def api_server_of(job_pid: int) -> psutil.Process:
 
 def test_a_killed_co_located_server_is_restarted_and_the_job_finishes_every_row_once(demo_model, tmp_path):
     data = tmp_path / "arithmetic.jsonl"
-    rows = arithmetic_dataset(data, 600)  # at 2 requests at a time: long enough to kill the server mid-job
+    # one prompt per request, 2 at a time: ~30 s here, so a kill after 20 rows lands mid-job even when
+    # this process gets little CPU beside the server (batched, the 600 rows took ~3 s and CI's poll missed them)
+    rows = arithmetic_dataset(data, 600)
     out = tmp_path / "out"
     output = out / "output.jsonl"
     scratch = tmp_path / "scratch"
@@ -75,7 +77,7 @@ def test_a_killed_co_located_server_is_restarted_and_the_job_finishes_every_row_
     with generating(
         data, out, "--model", str(demo_model), "--server_type", "vllm", "--server_gpus", "0",
         "--server_args", "--max-model-len 512", *PROMPT, "++max_concurrent_requests=2",
-        env={"VLLM_CACHE_ROOT": str(scratch / "cache"), "TMPDIR": str(scratch)},
+        "++prompts_per_request=1", env={"VLLM_CACHE_ROOT": str(scratch / "cache"), "TMPDIR": str(scratch)},
     ) as job:  # fmt: skip
         wait_for(lambda: len(complete_lines(output)) >= 20, 600, "20 rows from the first server", job, poll=0.1)
         server = api_server_of(job.pid)
@@ -84,7 +86,7 @@ def test_a_killed_co_located_server_is_restarted_and_the_job_finishes_every_row_
         server.kill()
         _, err = job.communicate(timeout=900)
     assert job.returncode == 0, err[-5000:]
-    assert rows_before < 600
+    assert rows_before < 600, "the job finished before its server was killed: the test needs a slower job"
 
     assert "the server exited with code -9" in err and "restarting it" in err, err[-5000:]
     assert err.count("servegen: starting vllm server") == 2
