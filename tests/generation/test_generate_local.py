@@ -463,7 +463,7 @@ def test_short_generations_go_64_per_request_with_64_requests_in_flight(stub, tm
     requests in flight; longer ones (or a prompts_per_request given): the client's 16 x 64."""
     data = tmp_path / "data.jsonl"
     rows = write_dataset(data, 4160)
-    stub.delay_s = 0.3  # the whole first wave of requests is still in flight when its last one is sent
+    stub.delay_s = 1.0  # the whole first wave of requests is still in flight when its last one is sent
     out = tmp_path / "out"
     run_generate(data, out, BARE_TEMPLATE, f"++inference.tokens_to_generate={tokens}", *extra, address=stub.base_url)
     assert job_module.SHORT_GENERATION == 128
