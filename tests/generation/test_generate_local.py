@@ -131,12 +131,12 @@ def test_a_killed_job_run_again_gives_the_same_file_and_resends_only_rows_not_do
     # row 100 gets no answer until the kill, so the kill lands mid-run however fast the machine:
     # rows 0-99 in the output, the rest of the window past row 100 in the side file, the others not sent
     stub.held.add("q100")
-    window = WINDOW_PER_REQUEST * 8
+    done_at_kill = set(range(100 + WINDOW_PER_REQUEST * 8)) - {100}
     out = tmp_path / "out"
     output = out / "output.jsonl"
     with generating(data, out, *args, address=stub.base_url) as job:
         try:
-            wait_for(lambda: done_ids(output) == set(range(100 + window)) - {100}, 60, "the rows around row 100", job)
+            wait_for(lambda: done_ids(output) == done_at_kill, 60, "the rows around row 100", job)
             assert [json.loads(line)["id"] for line in complete_lines(output)] == list(range(100))  # the rest: side file
             if how == "SIGTERM":  # what Slurm sends at a time limit or preemption: stop cleanly
                 job.send_signal(signal.SIGTERM)
@@ -148,7 +148,7 @@ def test_a_killed_job_run_again_gives_the_same_file_and_resends_only_rows_not_do
             stub.release()
     settle(stub)
     finished = done_ids(output)
-    assert finished == set(range(100 + window)) - {100}
+    assert finished == done_at_kill
     assert not (out / "output.jsonl.done").exists()
     if how == "kill -9, half-written last lines":
         with open(output, "a") as f:
