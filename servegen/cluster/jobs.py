@@ -2,6 +2,7 @@
 child process of ours, one after the other; the Slurm executor (slurm.py) submits the same
 command with submitit, so a laptop run rehearses a cluster run faithfully."""
 
+import functools
 import os
 import shlex
 import signal
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from servegen.cli import STOP_SIGNALS, exit_on_signals
 from servegen.errors import ServegenError
 from servegen.server.process import die_with_parent
 
@@ -69,7 +71,8 @@ class JobCommand:
         if int(os.environ.get("SLURM_PROCID", "0")) != 0:
             return 0
         if self.body is None:
-            proc = subprocess.Popen(self.argv, env={**os.environ, **self.env}, preexec_fn=_child_setup)
+            proc = subprocess.Popen(self.argv, env={**os.environ, **self.env},
+                                    preexec_fn=functools.partial(_child_setup, os.getpid()))
         else:
             proc = ForkedBody(self.body, self.argv, self.env)
         self._proc = proc
@@ -107,15 +110,19 @@ class ForkedBody:
         sys.stdout.flush()
         sys.stderr.flush()  # else the child writes out what the parent buffered once more
         self.returncode: int | None = None
+        parent = os.getpid()
+        # blocked until the child has handlers of its own: a Ctrl-C just then must not run the
+        # parent's handler in the child
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         self.pid = os.fork()
-        if self.pid == 0:
+        if self.pid != 0:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        else:
             code = 1
             try:
-                # as a new interpreter starts: not with the parent's handlers (stop_on_signals)
-                signal.signal(signal.SIGINT, signal.default_int_handler)
-                for signum in (signal.SIGTERM, signal.SIGHUP):
-                    signal.signal(signum, signal.SIG_DFL)
-                _child_setup()
+                exit_on_signals()  # as `python -m <module>` starts: not with the parent's handlers
+                _child_setup(parent)
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
                 os.environ.update(env)
                 code = body(argv[3:])
             except SystemExit as e:
@@ -142,8 +149,8 @@ class ForkedBody:
         self.send_signal(signal.SIGKILL)
 
 
-def _child_setup() -> None:
-    die_with_parent()
+def _child_setup(parent: int) -> None:
+    die_with_parent(parent)  # the parent's kill -9 reaches the body as a SIGTERM: it stops cleanly
     # Slurm sends the job's --signal (submitit's USR2) to every process of the job step, and
     # USR2 kills by default: the body and its server ignore it (the ignore survives exec) and
     # stop in order on the SIGTERM that checkpoint() sends them.

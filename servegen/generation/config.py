@@ -40,7 +40,10 @@ class ServerConfig:
     nodes: int = 1
     args: str = ""  # extra engine flags
     ready_timeout: float = 1800.0
-    max_restarts: int = 3  # a co-located server that dies is restarted this many times
+    max_restarts: int = 3  # a co-located server that dies (or hangs) is restarted this many times
+    # a co-located server that shows no sign of life (its readiness probe answered, a request
+    # finished) for this many seconds is hung and restarted like a dead one; null: never
+    hang_timeout: float | None = 600.0
 
 
 @dataclass

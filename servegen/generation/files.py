@@ -20,6 +20,7 @@ from servegen.errors import ServegenError
 
 INDEX_KEY = "_servegen_row"  # the row's position, in side-file records {INDEX_KEY: i, "row": {...}}
 _SIDE_INDEX = re.compile(rb'\{"_servegen_row": (\d+),')  # how a side record starts (no need to parse it all)
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")  # \ud800-\udfff: a surrogate pair, or half of one
 
 
 def done_marker(path: Path) -> Path:
@@ -67,7 +68,23 @@ def parse_row(raw: bytes, path: Path, line_number: int) -> dict:
         raise ServegenError(f"{path}:{line_number}: not valid JSON: {e.msg} {where}") from None
     if not isinstance(row, dict):
         raise ServegenError(f"{path}:{line_number}: a row must be a JSON object, got {type(row).__name__}")
+    if _SURROGATE_ESCAPE.search(raw):  # rare: only then look closer
+        _check_no_lone_surrogate(row, text, path, line_number)
     return row
+
+
+def _check_no_lone_surrogate(row: dict, text: str, path: Path, line_number: int) -> None:
+    """A \\ud800-style escape with no partner is valid JSON but no character: it cannot be sent
+    (a request body is UTF-8) nor written back, so it is a bad line like any other."""
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        escape = f"\\u{ord(e.object[e.start]):04x}"
+        column = text.lower().find(escape) + 1
+        where = f" at column {column}" if column else ""
+        raise ServegenError(
+            f"{path}:{line_number}: {escape}{where} is half of a UTF-16 surrogate pair, not a character"
+        ) from None
 
 
 def _complete_lines(path: Path) -> Iterator[bytes]:
@@ -92,6 +109,15 @@ def _complete_lines(path: Path) -> Iterator[bytes]:
         yield from f
 
 
+def json_line(row: dict) -> bytes:
+    """A row as one line of UTF-8 JSON. A string UTF-8 cannot carry (a lone surrogate, which a
+    server's JSON answer can hold) makes the line ASCII JSON with \\u escapes: the same row read back."""
+    try:
+        return json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(row).encode("ascii")
+
+
 class OrderedWriter:
     """Writes finished rows of one output file in input order; see the module docstring."""
 
@@ -100,7 +126,7 @@ class OrderedWriter:
         self.side_path = self.path.with_name(self.path.name + ".unordered")
         self.first_index = first_index
         self.next_index = first_index
-        self.waiting: dict[int, str] = {}  # finished rows not yet in the output, serialized
+        self.waiting: dict[int, bytes] = {}  # finished rows not yet in the output, serialized
         self.side_records = 0  # records in the side file
         self.out = None
         self.side = None
@@ -115,9 +141,9 @@ class OrderedWriter:
             match = _SIDE_INDEX.match(line)
             index = int(match.group(1)) if match else json.loads(line)[INDEX_KEY]
             if index >= self.next_index:  # the others reached the output before a kill emptied the side file
-                self.waiting[index] = json.dumps(json.loads(line)["row"], ensure_ascii=False)
-        self.out = open(self.path, "a", encoding="utf-8")
-        self.side = open(self.side_path, "a", encoding="utf-8")
+                self.waiting[index] = json_line(json.loads(line)["row"])
+        self.out = open(self.path, "ab")
+        self.side = open(self.side_path, "ab")
         self._drain()
         return self.next_index - self.first_index + len(self.waiting)
 
@@ -125,21 +151,21 @@ class OrderedWriter:
         return index < self.next_index or index in self.waiting
 
     def add(self, index: int, row: dict) -> None:
-        line = json.dumps(row, ensure_ascii=False)
+        line = json_line(row)
         if index == self.next_index:
-            self.out.write(line + "\n")
+            self.out.write(line + b"\n")
             self.next_index += 1
             self._drain()
             self.out.flush()
         else:
-            self.side.write(f'{{"{INDEX_KEY}": {index}, "row": {line}}}\n')
+            self.side.write(b'{"%s": %d, "row": %s}\n' % (INDEX_KEY.encode(), index, line))
             self.side.flush()
             self.side_records += 1
             self.waiting[index] = line
 
     def _drain(self) -> None:
         while self.next_index in self.waiting:
-            self.out.write(self.waiting.pop(self.next_index) + "\n")
+            self.out.write(self.waiting.pop(self.next_index) + b"\n")
             self.next_index += 1
         self.out.flush()
         if not self.waiting and self.side_records:
@@ -162,30 +188,42 @@ class OrderedWriter:
             self.side_path.unlink(missing_ok=True)
 
 
-def merge_chunks(final: Path, parts: list[Path], before_done: Callable[[], None] | None = None) -> bool:
+def merge_lock(final: Path) -> Path:
+    return final.with_name(f".{final.name}.merge-lock")
+
+
+def merge_chunks(final: Path, parts: list[Path], before_done: Callable[[], None] | None = None,
+                 with_parts: list[Path] = ()) -> bool:
     """Concatenate finished chunk files into `final` once all are done; True if this call did it.
 
     Every chunk calls this when it finishes; a file lock makes exactly one of them merge.
-    `before_done` runs after the merge, before `final` is marked done and the parts removed."""
-    lock_path = final.with_name(f".{final.name}.merge-lock")
+    `before_done` runs after the merge, before `final` is marked done. Then the parts and
+    `with_parts` (e.g. their summaries) are removed; a call after a merge cut short in that
+    clean-up finishes it."""
+    lock_path = merge_lock(final)
+    merged = False
     with open(lock_path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if done_marker(final).exists() or not all(done_marker(p).exists() for p in parts):
-            return False
-        tmp = final.with_name(final.name + ".merging")
-        with open(tmp, "wb") as out:
-            for part in parts:
-                with open(part, "rb") as f:
-                    while block := f.read(1 << 20):
-                        out.write(block)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, final)
-        if before_done is not None:
-            before_done()
-        done_marker(final).write_text("")
+        if not done_marker(final).exists():
+            if not all(done_marker(p).exists() for p in parts):
+                return False
+            tmp = final.with_name(final.name + ".merging")
+            with open(tmp, "wb") as out:
+                for part in parts:
+                    with open(part, "rb") as f:
+                        while block := f.read(1 << 20):
+                            out.write(block)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, final)
+            if before_done is not None:
+                before_done()
+            done_marker(final).write_text("")
+            merged = True
         for part in parts:
-            part.unlink()
-            done_marker(part).unlink()
+            done_marker(part).unlink(missing_ok=True)  # the marker first: never a .done without its file
+            part.unlink(missing_ok=True)
+        for path in with_parts:
+            path.unlink(missing_ok=True)
     lock_path.unlink(missing_ok=True)
-    return True
+    return merged

@@ -6,6 +6,11 @@ input order (see files.py for how they survive kills and resume exactly once). T
 runs on a laptop and inside a Slurm job; the pipeline (servegen generate) only decides where.
 """
 
+from servegen.cli import exit_on_signals, on_loop, raise_if_stopped, run_main
+
+if __name__ == "__main__":
+    exit_on_signals()  # a signal while the imports below run ends us at once: nothing has started yet
+
 import asyncio
 import bisect
 import contextlib
@@ -13,6 +18,8 @@ import json
 import math
 import sys
 import time
+import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +28,11 @@ from tqdm import tqdm
 from servegen.cluster.config import load_cluster_config
 from servegen.errors import ServegenError, ServerError
 from servegen.generation.config import GenerationConfig, build_config
-from servegen.generation.files import OrderedWriter, count_rows, done_marker, merge_chunks, read_rows
-from servegen.inference import CLIENTS, InferenceError, ModelUnknown, get_model
+from servegen.generation.files import OrderedWriter, count_rows, done_marker, merge_chunks, merge_lock, read_rows
+from servegen.generation.lock import OutputLocks
+from servegen.inference import CLIENTS, RESULT_FIELDS, InferenceError, ModelUnknown, get_model
 from servegen.inference.client import new_event_loop
-from servegen.inference.http import connects
+from servegen.inference.http import FastTransport, TransportError, connects
 from servegen.inference.params import Plan
 from servegen.prompt import get_prompt
 
@@ -48,6 +56,12 @@ ONE_PROMPT_REQUESTS = 512
 # 4096 x SHORT_GENERATION tokens (benchmarks/README.md, generate_vs_offline.py).
 SHORT_GENERATION = 128
 SHORT_PROMPTS_PER_REQUEST = SHORT_REQUESTS = 64
+# A co-located server is checked for life this often; its readiness probe is asked every
+# hang_timeout / PROBES_PER_HANG_TIMEOUT s (at most every PROBE_EVERY_S), each answer awaited at most PROBE_TIMEOUT_S.
+WATCH_INTERVAL_S = 0.5
+PROBES_PER_HANG_TIMEOUT = 4
+PROBE_EVERY_S = 10.0
+PROBE_TIMEOUT_S = 5.0
 # Latency histogram buckets (seconds, log-spaced from 1 ms to ~3 h): percentiles that chunks can merge.
 BUCKETS = [10 ** (-3 + i / 25) for i in range(176)]
 
@@ -111,18 +125,27 @@ def merge_if_complete(out_dir: Path, unit: Unit) -> None:
     final = out_dir / unit.final_name()
     parts = [out_dir / Unit(unit.seed, c, unit.num_chunks).file_name() for c in range(unit.num_chunks)]
     part_summaries = [summary_path(p) for p in parts]
-    if merge_chunks(final, parts, before_done=lambda: merge_summaries(summary_path(final), part_summaries)):
-        for p in part_summaries:  # only now: a merge cut short is done again from them
-            p.unlink(missing_ok=True)
+    # the parts' summaries go only after the merged .done: a merge cut short is done again from them
+    if merge_chunks(final, parts, before_done=lambda: merge_summaries(summary_path(final), part_summaries),
+                    with_parts=part_summaries):
         print(f"servegen: merged {len(parts)} chunks into {final}", file=sys.stderr, flush=True)
 
 
 def merge_finished(out_dir: Path, units: list[Unit]) -> None:
     """Merge outputs whose chunks are all done but were never merged (a run killed between its
-    last chunk's .done and the merge)."""
+    last chunk's .done and the merge), and finish the clean-up of a merge killed in it."""
     for unit in units:
-        if unit.chunk is not None and is_done(out_dir, unit) and not done_marker(out_dir / unit.final_name()).exists():
+        if unit.chunk is None or not is_done(out_dir, unit):
+            continue
+        part, final = out_dir / unit.file_name(), out_dir / unit.final_name()
+        left = any(p.exists() for p in (part, done_marker(part), summary_path(part), merge_lock(final)))
+        if left or not done_marker(final).exists():
             merge_if_complete(out_dir, unit)
+
+
+def output_locks(out_dir: Path, units: list[Unit]) -> OutputLocks:
+    """The locks that make this process the only writer of these outputs (lock.py)."""
+    return OutputLocks([out_dir / u.file_name() for u in units])
 
 
 def forget_outputs(out_dir: Path, units: list[Unit]) -> None:
@@ -175,6 +198,44 @@ class CoLocatedServer:
     def alive(self) -> bool:
         return self.process.proc.poll() is None
 
+    async def watch(self, answered_at: Callable[[], float], busy: Callable[[], bool], request_timeout: float) -> None:
+        """Raise ServerDied when the server exits, or hangs (++server.hang_timeout = T): no sign of
+        life for T s (its readiness probe answered 200, or a request finished: `answered_at()`,
+        monotonic), or requests in flight (`busy()`) and none finished for max(T, request_timeout)
+        s, as an engine stuck behind a live HTTP front end is (a long generation is no hang)."""
+        hang = self.cfg.hang_timeout
+        every = max(WATCH_INTERVAL_S, min(PROBE_EVERY_S, (hang or 0) / PROBES_PER_HANG_TIMEOUT))
+        health = urllib.parse.urlsplit(self.process.health_url)
+        transport = FastTransport(health.hostname, health.port, {})
+        body = self.process.health_body.encode() if self.process.health_body is not None else None
+        probed_ok = probed_at = time.monotonic()
+        try:
+            while True:
+                await asyncio.sleep(WATCH_INTERVAL_S)
+                if not self.alive():
+                    raise ServerDied(f"the server exited with code {self.process.proc.returncode}")
+                if hang is None:
+                    continue
+                if time.monotonic() - probed_at >= every:
+                    probed_at = time.monotonic()
+                    try:
+                        response = await transport.request(self.process.health_method, health.path, body,
+                                                           min(PROBE_TIMEOUT_S, hang))
+                        if response.status == 200:
+                            probed_ok = time.monotonic()
+                    except (TransportError, TimeoutError):
+                        pass
+                now = time.monotonic()
+                if now - max(probed_ok, answered_at()) > hang:
+                    raise ServerDied(f"the server hangs: it answered neither its readiness probe nor a request "
+                                     f"for {hang:g} s (++server.hang_timeout)")
+                stalled = max(hang, request_timeout)
+                if busy() and now - answered_at() > stalled:
+                    raise ServerDied(f"the server hangs: it finished none of the requests in flight for {stalled:g} s "
+                                     "(++server.hang_timeout, or the request timeout if longer)")
+        finally:
+            await transport.close()
+
     def restart(self, why: str) -> None:
         if self.starts > self.cfg.max_restarts:
             raise ServerError(
@@ -211,8 +272,13 @@ class Job:
         self.server: CoLocatedServer | None = None
 
     def run(self) -> int:
-        cfg = self.cfg
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        # one writer per output, from before the first byte until the job ends (lock.py)
+        with output_locks(self.out_dir, self.units):
+            return self._run()
+
+    def _run(self) -> int:
+        cfg = self.cfg
         if cfg.rerun_done:
             forget_outputs(self.out_dir, self.units)
         merge_finished(self.out_dir, self.units)
@@ -276,6 +342,7 @@ class Job:
                 break
             except ServerDied as e:
                 self.server.restart(str(e))
+        raise_if_stopped()  # a signal that came as the event loop started or ended: no .done
         # the summary first: whoever sees the .done (a merging chunk, the user) finds it
         write_summary(path, stats)
         done_marker(path).write_text("")
@@ -318,10 +385,15 @@ class Job:
         in_flight: dict[int, tuple[int, int, dict, float]] = {}
         moved = asyncio.Event()
         bad_input: list[str] = []
+        # what an input row loses before the new results are added: all of an earlier job's results
+        replaced = frozenset(RESULT_FIELDS) | {cfg.generation_key}
+        # the monotonic time a request last finished, or the first was sent after none were in flight
+        answered_at = time.monotonic()
 
         async def prompts():
             # done rows are skipped unparsed; the first bad line stops the reading, and the rows
             # before it finish and are saved before the error is raised
+            nonlocal answered_at
             rows = read_rows(self.input, start, stop, skip=writer.is_done)
             position = 0
             while True:
@@ -340,7 +412,10 @@ class Job:
                 while index - writer.next_index >= window:
                     moved.clear()
                     await moved.wait()
-                in_flight[position] = (index, line_number, row, time.monotonic())
+                now = time.monotonic()
+                if not in_flight:  # a quiet spell is not the server's silence
+                    answered_at = now
+                in_flight[position] = (index, line_number, row, now)
                 position += 1
                 yield prompt
 
@@ -387,41 +462,43 @@ class Job:
                 ) from None
 
         def handle(position: int, result: dict) -> None:
+            nonlocal answered_at
             index, _, row, started = in_flight.pop(position)
             if "error" in result:
                 if server_died():
                     raise ServerDied("the server died")  # its requests are redone after the restart
                 stop_if_server_gone(result["error"])
-            out = {**row, **{k: v for k, v in result.items() if k != "generation"}}
+            out = row if replaced.isdisjoint(row) else {k: v for k, v in row.items() if k not in replaced}
+            out = {**out, **{k: v for k, v in result.items() if k != "generation"}}
             out[cfg.generation_key] = result["generation"]
             writer.add(index, out)
             moved.set()
-            stats.add(time.monotonic() - started, result.get("num_generated_tokens") or 0, "error" in result)
+            now = answered_at = time.monotonic()
+            stats.add(now - started, result.get("num_generated_tokens") or 0, "error" in result)
             bar.update(1)
             bar.set_postfix_str(f"{stats.tokens / max(stats.elapsed(), 1e-9):.0f} tok/s", refresh=False)
 
-        async def watch():
-            while True:
-                await asyncio.sleep(0.5)
-                if not self.server.alive():
-                    raise ServerDied(f"the server exited with code {self.server.process.proc.returncode}")
-
-        tasks = [asyncio.ensure_future(consume())]
-        if self.server is not None:
-            tasks.append(asyncio.ensure_future(watch()))
         complete = False
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                task.result()  # raises ServerDied or a client error
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            await client.aclose()
-            bar.close()
-            complete = not bad_input and writer.next_index == stop and not writer.waiting
-            writer.close(complete=complete)
+        async with on_loop() as stopped:  # SIGTERM, SIGINT, SIGHUP: see servegen/cli.py
+            signalled = asyncio.ensure_future(stopped.wait())
+            tasks = [asyncio.ensure_future(consume())]
+            if self.server is not None:
+                tasks.append(asyncio.ensure_future(
+                    self.server.watch(lambda: answered_at, lambda: bool(in_flight), client.timeout)))
+            try:
+                done, _ = await asyncio.wait([signalled, *tasks], return_when=asyncio.FIRST_COMPLETED)
+                if signalled in done:
+                    raise_if_stopped()  # raises Interrupted
+                for task in done:
+                    task.result()  # raises ServerDied or a client error
+            finally:
+                for task in (signalled, *tasks):
+                    task.cancel()
+                await asyncio.gather(signalled, *tasks, return_exceptions=True)
+                await client.aclose()
+                bar.close()
+                complete = not bad_input and writer.next_index == stop and not writer.waiting
+                writer.close(complete=complete)
         if bad_input:
             raise ServegenError(bad_input[0] + " (rows before it are saved; fix the line and run again)")
         if not complete:  # never marked done: a run again resumes
@@ -525,12 +602,9 @@ def _with_percentiles(summary: dict) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from servegen.pipeline.common import run_main, stop_on_signals
-
     def body(argv):
         cfg = build_config(sys.argv[1:] if argv is None else argv)
-        with stop_on_signals():
-            return Job(cfg).run()
+        return Job(cfg).run()
 
     return run_main(body, argv)
 

@@ -5,7 +5,7 @@ import os
 import urllib.parse
 
 from servegen.errors import ServegenError
-from servegen.inference.client import Client
+from servegen.inference.client import RESULT_FIELDS, Client
 from servegen.inference.errors import (
     BatchingUnsupported,
     ContextLengthError,
@@ -39,6 +39,7 @@ __all__ = [
     "InvalidOutput",
     "ModelUnknown",
     "RequestRejected",
+    "RESULT_FIELDS",
     "RetriesExhausted",
     "Runner",
     "get_model",

@@ -67,6 +67,23 @@ _CONTEXT_LENGTH = re.compile(
 
 _encode = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode  # built once: cheaper per call
 
+
+def _body_bytes(body: dict) -> bytes:
+    """A request body as UTF-8 JSON; a prompt holding a lone surrogate (half of a UTF-16 pair, as
+    json.loads gives for "\\ud800") is the caller's mistake, said in one line."""
+    try:
+        return _encode(body).encode()
+    except UnicodeEncodeError as e:
+        raise ServegenError(
+            f"a prompt or parameter holds \\u{ord(e.object[e.start]):04x}, half of a UTF-16 surrogate pair "
+            "and not a character: it cannot be sent"
+        ) from None
+
+
+# every field a result row can have (generate's docstring says which when)
+RESULT_FIELDS = ("generation", "num_generated_tokens", "finish_reason", "output", "tokens", "logprobs",
+                 "top_logprobs", "error")
+
 # max_concurrent_requests=None: at most this many prompts in flight, in at most as many requests
 # (1024 requests of one prompt, 64 of 16): batching does not multiply the prompts queued at the
 # server (and their wait), and chats, never batched, keep their 1024 requests
@@ -360,7 +377,7 @@ class Client:
         for attempt in range(first_attempt, 1 + (self.max_output_retries if p.spec is not None else 0)):
             q = self._attempt_params(p, attempt)
             method, path, body = self.build_request(prompt, q)
-            payload = _encode(body).encode()
+            payload = _body_bytes(body)
             row = await self._call(state, method, self._prefix + path, payload, timeout, lambda d: self.parse_response(d, prompt, q))
             why = self._finish(row, q)
             if why is None:
@@ -377,7 +394,7 @@ class Client:
             self.check_prompt(prompt, p)
         q = self._attempt_params(p, first_attempt)
         method, path, body = self.build_batch_request(prompts, q)
-        payload = _encode(body).encode()
+        payload = _body_bytes(body)
         try:
             rows = await self._call(state, method, self._prefix + path, payload, p.timeout or self.timeout,
                                     lambda d: self.parse_batch_response(d, prompts, q))
@@ -548,7 +565,7 @@ class Client:
     async def _stream_pieces(self, state: _LoopState, prompt: Any, p: Params) -> AsyncIterator[str]:
         method, path, body = self.build_request(prompt, p, stream=True)
         path = self._prefix + path
-        payload = _encode(body).encode()
+        payload = _body_bytes(body)
         timeout = p.timeout or self.timeout
         trimmer = stops.StreamTrimmer(p.stop_phrases, not p.remove_stop_phrases)
         attempt = 0

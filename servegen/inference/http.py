@@ -18,12 +18,14 @@ any exception.
 import asyncio
 import ipaddress
 import socket
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 MAX_HEAD_BYTES = 64 * 1024  # status line + headers; more is not an HTTP server we can talk to
+CONNECT_RETRY_S = 10.0  # how long connects() keeps trying before it says nothing answers
 
 
 class TransportError(Exception):
@@ -52,17 +54,29 @@ def make_transport(base_url: str, headers: dict[str, str], max_connections: int,
     return AiohttpTransport(base_url.rstrip("/"), headers, max_connections)
 
 
-def connects(base_url: str, timeout_s: float = 5.0) -> bool:
-    """Whether a TCP connection to base_url's host and port opens now. True for an address the
-    environment sends through a proxy: only a request through the proxy can tell."""
+def connects(base_url: str, timeout_s: float = 5.0, retry_for_s: float = CONNECT_RETRY_S) -> bool:
+    """Whether a TCP connection to base_url's host and port opens, trying again (after 0.25 s,
+    0.5 s, 1 s, ...) for up to retry_for_s: one refused or reset connection is not a server gone.
+    True for an address the environment sends through a proxy: only a request through the proxy
+    can tell."""
     parts = urllib.parse.urlsplit(base_url)
     if _proxied(parts.hostname or "", parts.scheme):
         return True
-    try:
-        with socket.create_connection((parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)), timeout_s):
-            return True
-    except (OSError, ValueError):
-        return False
+    deadline = time.monotonic() + retry_for_s
+    pause = 0.25
+    while True:
+        try:
+            address = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
+            with socket.create_connection(address, timeout_s):
+                return True
+        except ValueError:  # not a host and port at all
+            return False
+        except OSError:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            time.sleep(min(pause, left))
+            pause *= 2
 
 
 def _proxied(host: str, scheme: str = "http") -> bool:

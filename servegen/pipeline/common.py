@@ -1,18 +1,11 @@
-"""What the command-line entry points share: server flags, one-line errors, signal handling."""
+"""What the command-line entry points share: server flags and their checks, time limits."""
 
 import argparse
-import contextlib
-import signal
-import sys
 
 from servegen.cluster.config import parse_slurm_time
 from servegen.errors import ServegenError
 from servegen.server import SERVER_TYPES
 from servegen.server.command import ServerSpec, split_args
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT, SIGTERM or SIGHUP arrived: stop what we started, then exit."""
 
 
 def add_server_flags(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -54,34 +47,3 @@ def parse_time_limit(text: str, flag: str = "--time_limit") -> int:
         return parse_slurm_time(text)
     except ValueError:
         raise ServegenError(f"{flag} must be minutes or a Slurm time like 04:00:00, got {text!r}") from None
-
-
-def run_main(body, argv: list[str] | None) -> int:
-    """Run a command body; user mistakes become one `error:` line and exit code 2."""
-    try:
-        return body(argv)
-    except ServegenError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("servegen: stopped", file=sys.stderr)
-        return 130
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """Turn the first SIGINT/SIGTERM/SIGHUP into Interrupted; ignore repeats while we clean up."""
-    received = []
-
-    def handler(signum, frame):
-        if not received:
-            received.append(signum)
-            raise Interrupted(signal.Signals(signum).name)
-
-    names = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-    previous = {s: signal.signal(s, handler) for s in names}
-    try:
-        yield
-    finally:
-        for s, h in previous.items():
-            signal.signal(s, h)

@@ -4,6 +4,11 @@ server started in the same job (--model/--server_type/--server_gpus) or an exist
 resume where a timed-out one stopped). Arguments like ++key=value change the job config (see
 servegen/generation/config.py and docs/generation.md)."""
 
+from servegen.cli import exit_on_signals, run_main
+
+if __name__ == "__main__":
+    exit_on_signals()  # a signal while the imports below run ends us at once: nothing has started yet
+
 import argparse
 import sys
 from pathlib import Path
@@ -12,9 +17,9 @@ from servegen.cluster.config import ClusterConfig, load_cluster_config
 from servegen.cluster.jobs import JobFailed, JobSpec, local_commands_text, run_local
 from servegen.errors import ServegenError
 from servegen.generation.config import GenerationConfig, build_config, parse_overrides, to_overrides
-from servegen.generation.job import Job, Unit, forget_outputs, is_done, merge_finished
+from servegen.generation.job import Job, Unit, forget_outputs, is_done, merge_finished, output_locks
 from servegen.generation.job import main as job_main  # what a local job's forked child runs
-from servegen.pipeline.common import add_server_flags, parse_time_limit, run_main, stop_on_signals
+from servegen.pipeline.common import add_server_flags, parse_time_limit
 from servegen.server.command import split_args
 
 # sampling suited to drawing several independent answers; the user's ++inference.* still win
@@ -68,8 +73,9 @@ def _generate(argv: list[str] | None) -> int:
     log_dir = Path(cfg.log_dir)
     # here, not in the jobs: a requeued or follow-up job must keep what its first run wrote
     rerun_done, cfg.rerun_done = args.rerun_done or cfg.rerun_done, False
-    if rerun_done and not args.dry_run:
-        forget_outputs(Path(cfg.output_dir), units)
+    if rerun_done and not args.dry_run and Path(cfg.output_dir).is_dir():
+        with output_locks(Path(cfg.output_dir), units):  # not under a job that writes them now
+            forget_outputs(Path(cfg.output_dir), units)
 
     if cluster.executor == "local":
         if args.dependent_jobs or args.run_after:
@@ -79,8 +85,7 @@ def _generate(argv: list[str] | None) -> int:
             print(local_commands_text(job), end="")
             return 0
         try:
-            with stop_on_signals():
-                run_local(job, body=job_main)
+            run_local(job, body=job_main)
         except JobFailed as e:
             if e.code < 0:  # killed by a signal: it could not say why
                 raise

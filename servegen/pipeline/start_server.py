@@ -6,6 +6,11 @@ process it started. On a Slurm cluster it is submitted as a job: the command pri
 waits for the server, prints its address, and stays until the job ends; Ctrl-C cancels the job.
 """
 
+from servegen.cli import exit_on_signals, run_main
+
+if __name__ == "__main__":
+    exit_on_signals()  # a signal while the imports below run ends us at once: nothing has started yet
+
 import argparse
 import os
 import socket
@@ -17,13 +22,7 @@ from servegen.cluster.config import ClusterConfig, load_cluster_config
 from servegen.cluster.jobs import JobSpec
 from servegen.cluster.launch import job_launch, local_launch, start_server_here
 from servegen.errors import ServegenError, ServerError
-from servegen.pipeline.common import (
-    add_server_flags,
-    parse_time_limit,
-    run_main,
-    server_spec_from_flags,
-    stop_on_signals,
-)
+from servegen.pipeline.common import add_server_flags, parse_time_limit, server_spec_from_flags
 from servegen.server import build_server_command
 from servegen.server.process import DEFAULT_READY_TIMEOUT_S, LOG_TAIL_LINES, free_port, log_tail, probe
 
@@ -84,24 +83,23 @@ def _start(argv: list[str] | None) -> int:
     # in a Slurm job: where the submitter, waiting for it, learns the address
     in_job = args.run_here and "SLURM_JOB_ID" in os.environ
     published = address_file(Path(args.log_dir), os.environ["SLURM_JOB_ID"]) if in_job else None
-    with stop_on_signals():
-        server = start_server_here(spec, cluster, log_path, f"{spec.server_type} server")  # started already
-        try:
-            print(f"servegen: starting {spec.server_type} server (pid {server.pid}, log {log_path})", file=sys.stderr)
-            server.wait_ready(args.ready_timeout)
-            address = f"http://{_public_host(host, args.run_here)}:{spec.port}"
-            if published:
-                tmp = published.with_name(published.name + ".tmp")
-                tmp.write_text(address + "\n")
-                tmp.replace(published)
-            print(f"servegen: {spec.server_type} server ready at {address} (model {spec.model})", flush=True)
-            print("servegen: press Ctrl-C to stop it", file=sys.stderr)
-            code = server.proc.wait()
-            raise ServerError(f"{spec.server_type} server exited with code {code}; see its log {log_path}")
-        finally:
-            if published:  # no stale address while a requeued job starts the server again
-                published.unlink(missing_ok=True)
-            server.stop()
+    server = start_server_here(spec, cluster, log_path, f"{spec.server_type} server")  # started already
+    try:
+        print(f"servegen: starting {spec.server_type} server (pid {server.pid}, log {log_path})", file=sys.stderr)
+        server.wait_ready(args.ready_timeout)
+        address = f"http://{_public_host(host, args.run_here)}:{spec.port}"
+        if published:
+            tmp = published.with_name(published.name + ".tmp")
+            tmp.write_text(address + "\n")
+            tmp.replace(published)
+        print(f"servegen: {spec.server_type} server ready at {address} (model {spec.model})", flush=True)
+        print("servegen: press Ctrl-C to stop it", file=sys.stderr)
+        code = server.proc.wait()
+        raise ServerError(f"{spec.server_type} server exited with code {code}; see its log {log_path}")
+    finally:
+        if published:  # no stale address while a requeued job starts the server again
+            published.unlink(missing_ok=True)
+        server.stop()
 
 
 def _submit(args: argparse.Namespace, cluster: ClusterConfig) -> int:
@@ -135,23 +133,22 @@ def _submit(args: argparse.Namespace, cluster: ClusterConfig) -> int:
     print(f"servegen: submitted Slurm job {job_id}; waiting for the server (job log {log_dir}/{job_id}_0_log.out)",
           file=sys.stderr, flush=True)
     path = address_file(log_dir, job_id)
-    with stop_on_signals():
-        try:
-            address = _wait_for_address(job_id, path, log_dir, args.ready_timeout, server)
-            print(f"servegen: {args.server_type} server ready at {address} (Slurm job {job_id})", flush=True)
-            print(f"servegen: Ctrl-C (or scancel {job_id}) stops it", file=sys.stderr, flush=True)
-            while (state := slurm.job_state(job_id)) in _LIVE_STATES:
-                time.sleep(5)
-                # a job requeued at its time limit (or preempted) starts the server again, maybe elsewhere
-                moved = _answering_address(path, server)
-                if moved and moved != address:
-                    address = moved
-                    print(f"servegen: {args.server_type} server ready at {address} (Slurm job {job_id}, requeued)",
-                          flush=True)
-            raise ServerError(f"Slurm job {job_id} ended ({state}); see {log_dir}")
-        except KeyboardInterrupt:
-            slurm.cancel(job_id)
-            raise
+    try:
+        address = _wait_for_address(job_id, path, log_dir, args.ready_timeout, server)
+        print(f"servegen: {args.server_type} server ready at {address} (Slurm job {job_id})", flush=True)
+        print(f"servegen: Ctrl-C (or scancel {job_id}) stops it", file=sys.stderr, flush=True)
+        while (state := slurm.job_state(job_id)) in _LIVE_STATES:
+            time.sleep(5)
+            # a job requeued at its time limit (or preempted) starts the server again, maybe elsewhere
+            moved = _answering_address(path, server)
+            if moved and moved != address:
+                address = moved
+                print(f"servegen: {args.server_type} server ready at {address} (Slurm job {job_id}, requeued)",
+                      flush=True)
+        raise ServerError(f"Slurm job {job_id} ended ({state}); see {log_dir}")
+    except KeyboardInterrupt:
+        slurm.cancel(job_id)
+        raise
 
 
 # what squeue says of a job that may still run (a requeued job is PENDING again)

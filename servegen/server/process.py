@@ -4,6 +4,7 @@ started."""
 
 import collections
 import ctypes
+import functools
 import os
 import signal
 import socket
@@ -23,11 +24,14 @@ KILL_WAIT_S = 10.0  # a SIGKILLed process in uninterruptible I/O can take a mome
 LOG_TAIL_LINES = 50
 
 
-def die_with_parent() -> None:
-    """In the child before exec: SIGTERM when the process that started us dies, even by kill -9,
-    so that no server outlives the job that owns it. (Linux; it follows the starting thread.)"""
+def die_with_parent(parent: int) -> None:
+    """In a child just forked by process `parent` (its pid, read before the fork): SIGTERM when
+    that process dies, even by kill -9, so that nothing we start outlives us. (Linux; it follows
+    the thread that forked.) A parent that died before this call is SIGTERM at once."""
     PR_SET_PDEATHSIG = 1
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -92,7 +96,7 @@ class ServerProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
-                preexec_fn=die_with_parent,
+                preexec_fn=functools.partial(die_with_parent, os.getpid()),
             )
         return self
 
@@ -132,6 +136,7 @@ class ServerProcess:
             return
         procs = _tree(self.proc.pid)
         _signal_all(self.proc.pid, procs, signal.SIGTERM)
+        _signal_all(self.proc.pid, procs, signal.SIGCONT)  # a stopped process acts on SIGTERM only once continued
         if not _gone_within(self.proc, procs, grace_s):
             procs = _tree(self.proc.pid) + procs
             _signal_all(self.proc.pid, procs, signal.SIGKILL)

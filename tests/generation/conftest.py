@@ -1,4 +1,4 @@
-"""The stub model server the generation tests share (one per test module)."""
+"""The stub model server the generation tests share (one per test module), reset for each test."""
 
 import pytest
 
@@ -10,3 +10,12 @@ def stub_server():
     server = JobStub().start()
     yield server
     server.stop()
+
+
+@pytest.fixture
+def stub(stub_server):
+    s = stub_server
+    s.mode, s.delay_s, s.keep_bodies = "ok", 0.0, True
+    s.replies.clear()
+    s.reset()
+    return s

@@ -3,6 +3,7 @@ run as a real process, and the fault-injecting stub server with per-prompt delay
 and prompts that always fail."""
 
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -68,6 +69,27 @@ class JobStub(StubServer):
         return response
 
 
+# string prompts that are the row's question as it is: the job batches string prompts (never chats)
+BARE_TEMPLATE = f"++prompt_template={Path(__file__).parent / 'configs' / 'bare-template.yaml'}"
+
+
+def expected(row: dict) -> dict:
+    """What the job writes for an input row: the stub answers "reply to <question>" (3 tokens)."""
+    return {**row, "num_generated_tokens": 3, "finish_reason": "stop", "generation": f"reply to {row['question']}"}
+
+
+def once_each(rows) -> collections.Counter:
+    return collections.Counter(r["question"] for r in rows)
+
+
+def settle(stub: JobStub) -> None:
+    """Wait until a stopped job's last requests have reached the stub and been answered."""
+    last = -1
+    while stub.total_requests() != last or stub.in_flight:
+        last = stub.total_requests()
+        time.sleep(0.3)
+
+
 def write_dataset(path: Path, n: int, start: int = 0) -> list[dict]:
     """Rows with a `question` (the stub's prompt key: q<i>) and fields the job must keep as they are."""
     rows = [
@@ -107,12 +129,13 @@ def generate_argv(input_file: Path, output_dir: Path, *args: str, address: str |
 
 
 def run_generate(input_file: Path, output_dir: Path, *args: str, address: str | None = None,
-                 expect_rc: int = 0, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
-    """`python -m servegen.pipeline.generate ...` to the end; its exit code must be `expect_rc`."""
+                 expect_rc: int | None = 0, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
+    """`python -m servegen.pipeline.generate ...` to the end; its exit code must be `expect_rc`
+    (None: any)."""
     argv = generate_argv(input_file, output_dir, *args, address=address)
     done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, cwd=output_dir.parent,
                           env={**os.environ, **(env or {})})
-    assert done.returncode == expect_rc, (
+    assert expect_rc is None or done.returncode == expect_rc, (
         f"exit code {done.returncode}, expected {expect_rc}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr[-5000:]}"
     )
     return done

@@ -161,3 +161,37 @@ def test_merge_runs_once_when_all_chunks_are_done(tmp_path):
     assert [r["chunk"] for r in rows_of(final)] == [0, 1, 2, 3]
     assert done_marker(final).exists()
     assert not any(p.exists() or done_marker(p).exists() for p in parts)
+
+
+def side_records(path, indexes):
+    with open(path, "a") as f:
+        for i in indexes:
+            f.write(json.dumps({"_servegen_row": i, "row": {"i": i}}) + "\n")
+
+
+def test_resume_takes_back_side_records_from_the_outputs_end_on_and_ignores_those_already_in_it(tmp_path):
+    out = tmp_path / "output.jsonl"
+    out.write_text("".join(json.dumps({"i": i}) + "\n" for i in range(10)))
+    # a kill after the drain moved row 9 into the output, before it emptied the side file
+    side_records(tmp_path / "output.jsonl.unordered", [9, 10, 12])
+    writer = OrderedWriter(out)
+    assert writer.resume() == 12  # rows 0-9 in the output, 10 (moved in by the drain) and 12 waiting
+    assert [i for i in range(14) if not writer.is_done(i)] == [11, 13]
+    for i in [13, 11]:
+        writer.add(i, {"i": i})
+    writer.close(complete=True)
+    assert [r["i"] for r in rows_of(out)] == list(range(14))
+
+
+def test_resume_takes_back_the_side_record_of_a_row_whose_output_line_a_kill_cut(tmp_path):
+    out = tmp_path / "output.jsonl"
+    # the drain was moving rows 10 and 11 from the side file into the output when a kill cut row 11's line
+    out.write_text("".join(json.dumps({"i": i}) + "\n" for i in range(11)) + '{"i": 1')
+    side_records(tmp_path / "output.jsonl.unordered", [10, 11, 13])
+    writer = OrderedWriter(out)
+    assert writer.resume() == 13  # rows 0-10 in the output, 11 (from its side record) and 13
+    assert [i for i in range(15) if not writer.is_done(i)] == [12, 14]
+    for i in [12, 14]:
+        writer.add(i, {"i": i})
+    writer.close(complete=True)
+    assert [r["i"] for r in rows_of(out)] == list(range(15))

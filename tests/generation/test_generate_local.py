@@ -18,15 +18,19 @@ from pathlib import Path
 
 import pytest
 from job_helpers import (
+    BARE_TEMPLATE,
     REPO,
     JobStub,
     complete_lines,
     done_ids,
     error_lines,
+    expected,
     generating,
     kill_group,
+    once_each,
     read_jsonl,
     run_generate,
+    settle,
     wait_for,
     write_dataset,
 )
@@ -40,34 +44,6 @@ from servegen.pipeline import generate
 from servegen.server import process
 
 SLURM_CONFIG = Path(__file__).parent / "configs" / "gen-slurm.yaml"
-# string prompts that are the row's question as it is: the job batches string prompts (never chats)
-BARE_TEMPLATE = f"++prompt_template={Path(__file__).parent / 'configs' / 'bare-template.yaml'}"
-
-
-@pytest.fixture
-def stub(stub_server):
-    s = stub_server
-    s.mode, s.delay_s, s.keep_bodies = "ok", 0.0, True
-    s.replies.clear()
-    s.reset()
-    return s
-
-
-def expected(row: dict) -> dict:
-    """What the job writes for an input row: the stub answers "reply to <question>" (3 tokens)."""
-    return {**row, "num_generated_tokens": 3, "finish_reason": "stop", "generation": f"reply to {row['question']}"}
-
-
-def once_each(rows) -> collections.Counter:
-    return collections.Counter(r["question"] for r in rows)
-
-
-def settle(stub: JobStub) -> None:
-    """Wait until a killed job's last requests have reached the stub and been answered."""
-    last = -1
-    while stub.total_requests() != last or stub.in_flight:
-        last = stub.total_requests()
-        time.sleep(0.3)
 
 
 def summary_of(out: Path, name: str = "output") -> dict:
@@ -607,10 +583,13 @@ def test_dry_run_prints_the_commands_and_sbatch_scripts(name, tmp_path, monkeypa
 
 class StandInServer:
     """A co-located 'server' for the restart tests: a `sleep` process standing in front of the stub
-    (which answers the requests); killing it is the server dying."""
+    (which answers the requests and the readiness probe); killing it is the server dying."""
 
-    def __init__(self, started: list):
+    health_method, health_body = "GET", None
+
+    def __init__(self, started: list, stub: JobStub):
         self.proc = subprocess.Popen(["sleep", "600"])
+        self.health_url = f"{stub.base_url}/health"
         started.append(self)
 
     def wait_ready(self, timeout_s: float) -> None:
@@ -624,7 +603,7 @@ class StandInServer:
 @pytest.mark.parametrize("per_request", [1, 16])
 def test_the_job_restarts_its_server_when_it_dies_and_gives_up_after_max_restarts(stub, tmp_path, monkeypatch, per_request):
     started: list[StandInServer] = []
-    monkeypatch.setattr(launch, "start_server_here", lambda spec, cluster, log_path, name: StandInServer(started))
+    monkeypatch.setattr(launch, "start_server_here", lambda spec, cluster, log_path, name: StandInServer(started, stub))
     monkeypatch.setattr(process, "free_port", lambda: stub.port)
     data = tmp_path / "data.jsonl"
     rows = write_dataset(data, 40)
@@ -678,6 +657,63 @@ def test_the_job_restarts_its_server_when_it_dies_and_gives_up_after_max_restart
     assert [r["id"] for r in read_jsonl(out / "output.jsonl")] == sorted(set(range(5)) - held)
     assert not (out / "output.jsonl.done").exists()
     stub.release()
+
+
+STUB_PROCESS = Path(__file__).parent / "stub_process.py"
+
+
+def stub_process_servers(monkeypatch, started: list, *args: str) -> None:
+    """Co-located servers that are real processes: the stub server on the job's port
+    (tests/generation/stub_process.py ARGS), probed at /health."""
+
+    def start(spec, cluster, log_path, name):
+        server = process.ServerProcess([sys.executable, str(STUB_PROCESS), str(spec.port), *args], dict(os.environ),
+                                       log_path, f"http://127.0.0.1:{spec.port}/health", name=name).start()
+        started.append(server)
+        return server
+
+    monkeypatch.setattr(launch, "start_server_here", start)
+
+
+@pytest.mark.parametrize("hang", ["SIGSTOP", "an engine that stops answering behind a live /health"])
+def test_a_server_that_hangs_alive_is_restarted_and_the_job_finishes_every_row_once(tmp_path, monkeypatch, capfd, hang):
+    started: list[process.ServerProcess] = []
+    # each answer after 0.05 s; with the engine hanging: none after the 40th answer of each server
+    stub_process_servers(monkeypatch, started, "0.05", *(["40"] if hang != "SIGSTOP" else []))
+    data = tmp_path / "data.jsonl"
+    rows = write_dataset(data, 60)
+    out = tmp_path / "out"
+    overrides = [f"++input_file={data}", f"++output_dir={out}", "++server.model=stub-model", "++max_concurrent_requests=4",
+                 "++prompts_per_request=1", BARE_TEMPLATE, "++server.hang_timeout=2", "++inference.timeout=2",
+                 "++server.max_restarts=1"]
+    errors = []
+
+    def run():
+        try:
+            job_module.Job(build_config(overrides)).run()
+        except Exception as e:  # noqa: BLE001 - the test looks at it
+            errors.append(e)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        if hang == "SIGSTOP":
+            wait_for(lambda: len(complete_lines(out / "output.jsonl")) >= 10, 60, "ten rows")
+            os.kill(started[0].pid, signal.SIGSTOP)
+        thread.join(60)
+    finally:
+        for server in started:
+            server.stop()
+    assert not thread.is_alive() and not errors, errors
+    assert len(started) == 2
+    assert started[0].proc.returncode is not None  # stopped, SIGSTOP or not
+    assert read_jsonl(out / "output.jsonl") == [expected(r) for r in rows]
+    why = {"SIGSTOP": "it answered neither its readiness probe nor a request for 2 s (++server.hang_timeout)",
+           "an engine that stops answering behind a live /health":
+               "it finished none of the requests in flight for 2 s (++server.hang_timeout, or the request timeout "
+               "if longer)"}[hang]
+    restarted = [line for line in capfd.readouterr().err.splitlines() if "restarting it" in line]
+    assert restarted == [f"servegen: the server hangs: {why} (log {out}/logs/vllm-server-1.log); restarting it"]
 
 
 def test_an_output_longer_than_the_input_is_an_error_not_a_done_file(stub, tmp_path):

@@ -29,14 +29,6 @@ CONFIG = Path(__file__).resolve().parents[1] / "slurm" / "configs" / "test-slurm
 PREFIX = "servegen-test-"  # the config's job_name_prefix
 
 
-@pytest.fixture
-def stub(stub_server):
-    s = stub_server
-    s.mode, s.delay_s, s.keep_bodies = "ok", 0.0, False
-    s.reset()
-    return s
-
-
 def unique(name: str) -> str:
     """An experiment name no other test run uses (the cluster is shared)."""
     return f"{name}-{uuid.uuid4().hex[:6]}"

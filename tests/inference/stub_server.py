@@ -2,7 +2,7 @@
 thread with its own event loop) on a free loopback port.
 
 It speaks the OpenAI protocol (/v1/completions, /v1/chat/completions with and without
-streaming, /v1/models) and the request/response shapes of NeMo's PUT /generate and Megatron-LM's
+streaming, /v1/models, and vLLM's /health) and the request/response shapes of NeMo's PUT /generate and Megatron-LM's
 PUT /api, as documented in servegen/inference/nemo.py. What it answers:
 
 - the reply to a prompt is `replies[key]` if set (a string, or a list of strings: one per
@@ -70,10 +70,13 @@ class StubServer:
 
     # -- life --
 
-    def start(self) -> "StubServer":
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+    def start(self, port: int | None = None) -> "StubServer":
+        """Serve on `port` (default: a free one)."""
+        if port is None:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                port = s.getsockname()[1]
+        self.port = port
         self.base_url = f"http://127.0.0.1:{self.port}"
         ready = threading.Event()
         self._thread = threading.Thread(target=self._serve, args=(ready,), daemon=True)
@@ -88,6 +91,7 @@ class StubServer:
         app.router.add_post("/v1/completions", self._openai)
         app.router.add_post("/v1/chat/completions", self._openai)
         app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/health", self._health)
         app.router.add_put("/generate", self._nemo)
         app.router.add_put("/api", self._megatron)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
@@ -197,6 +201,9 @@ class StubServer:
             self.in_flight -= 1
 
     # -- endpoints --
+
+    async def _health(self, request: web.Request) -> web.Response:
+        return web.Response(text="")
 
     async def _models(self, request: web.Request) -> web.Response:
         if self.models_status != 200:

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from servegen.errors import ServegenError
 from servegen.inference import ContextLengthError, ModelUnknown, RequestRejected, RetriesExhausted, get_model
 from servegen.inference.client import _retry_after
 
@@ -175,3 +176,14 @@ def test_every_request_ends_in_a_result_or_its_own_error(stub):
             assert stub.answered[f"p{i}"] == 1
     # each request: at most 2 attempts of at most 2 s (+ tiny backoff), 256 at a time
     assert elapsed < 90
+
+
+def test_a_prompt_holding_a_lone_surrogate_is_one_clear_error_and_nothing_is_sent(stub):
+    """"\ud800" from json.loads is a str that UTF-8 cannot carry: the caller's mistake, not a crash."""
+    with client(stub) as llm:
+        for prompt in ("a \ud800 b", [{"role": "user", "content": "a \udfff"}]):
+            with pytest.raises(ServegenError, match=r"holds \\u(d800|dfff), half of a UTF-16 surrogate pair"):
+                llm.generate([prompt])
+            with pytest.raises(ServegenError, match="half of a UTF-16 surrogate pair"):
+                list(llm.stream(prompt))
+    assert stub.requests == {}

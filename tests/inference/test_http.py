@@ -181,15 +181,33 @@ def test_connects_tells_a_listening_port_from_a_closed_one_and_leaves_proxied_ad
         listening.listen()
         port = listening.getsockname()[1]
         assert connects(f"http://127.0.0.1:{port}/v1")
-    assert not connects(f"http://127.0.0.1:{port}")  # closed now
-    assert not connects("https://servegen-test.invalid/v1")  # no such host
+    assert not connects(f"http://127.0.0.1:{port}", retry_for_s=0)  # closed now
+    assert not connects("https://servegen-test.invalid/v1", retry_for_s=0)  # no such host
     # through a proxy a TCP connection to the host tells nothing: only a request can
     monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
     assert connects("https://servegen-test.invalid/v1")
-    assert not connects("http://servegen-test.invalid/v1")  # http is not proxied here
+    assert not connects("http://servegen-test.invalid/v1", retry_for_s=0)  # http is not proxied here
     monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
     assert connects("http://servegen-test.invalid/v1")
-    assert not connects(f"http://127.0.0.1:{port}")  # loopback never goes through a proxy
+    assert not connects(f"http://127.0.0.1:{port}", retry_for_s=0)  # loopback never goes through a proxy
+
+
+def test_connects_tries_again_for_a_while_before_it_says_nothing_answers():
+    """A server between two listens (or one reset connection) is not a server gone."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        timer = threading.Timer(1.5, s.listen)  # refused for 1.5 s, then listening
+        timer.start()
+        started = time.monotonic()
+        try:
+            assert connects(f"http://127.0.0.1:{port}", retry_for_s=10)
+        finally:
+            timer.join()
+        assert 1.5 <= time.monotonic() - started < 10
+    started = time.monotonic()
+    assert not connects(f"http://127.0.0.1:{port}", retry_for_s=1.0)  # nothing, ever: false after the time given
+    assert 1.0 <= time.monotonic() - started < 5
 
 
 def test_a_request_cancelled_as_its_connection_attempt_fails_ends_cancelled():

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from servegen.errors import ServegenError
-from servegen.inference import ContextLengthError, get_model
+from servegen.inference import ContextLengthError, RetriesExhausted, get_model
 from servegen.inference.stops import StreamTrimmer, trim
 
 CHAT = [{"role": "user", "content": "tell me"}]
@@ -88,3 +88,17 @@ def test_stream_trimmer_matches_trim_whatever_the_pieces(seed):
     if not trimmer.stopped:
         shown.append(trimmer.flush())
     assert "".join(shown) == trim(text, phrases, keep)[0]
+
+
+@pytest.mark.parametrize("mode", ["500", "429", "drop"])
+@pytest.mark.parametrize("max_retries", [0, 2])
+def test_stream_gives_up_after_max_retries_plus_one_requests(stub, mode, max_retries):
+    # the server fails exactly the requests the client may make and answers the one after; model=
+    # given: no GET /v1/models first, whose kept-alive connection a "drop" would look stale on (the
+    # transport sends such a request once more, on a new connection, as no attempt of the client's)
+    stub.mode, stub.fail_first = mode, max_retries + 1
+    with get_model("vllm", base_url=stub.base_url, model="stub-model", max_retries=max_retries,
+                   retry_backoff=0.001, max_backoff=0.01) as llm:
+        with pytest.raises(RetriesExhausted, match=f"failed {max_retries + 1} times"):
+            list(llm.stream("raw"))
+    assert stub.requests["raw"] == max_retries + 1
