@@ -48,7 +48,10 @@ class OutputLock:
     def acquire(self) -> None:
         """Hold the lock, or raise OutputBusy naming the holder."""
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as e:  # a folder we may not write in, a full disk
+                raise ServegenError(f"cannot create {self.path}: {e.strerror}") from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

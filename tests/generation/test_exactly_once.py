@@ -31,7 +31,8 @@ from job_helpers import (
     write_dataset,
 )
 
-from servegen.generation.lock import OutputLock, OutputBusy, lock_path
+from servegen.errors import ServegenError
+from servegen.generation.lock import OutputBusy, OutputLock, lock_path
 
 ROWS = 2000
 # one prompt per request, 64 in flight, each answered after 0.2 s: a job of ~6 s, spending much of
@@ -356,3 +357,17 @@ def test_results_of_an_earlier_job_in_the_input_are_replaced_by_this_jobs(stub, 
                             result: f"reply to q{i}"} for i in range(10)]
         summary = json.loads((out / "output.summary.json").read_text())
         assert (summary["rows"], summary["failed_rows"], summary["generated_tokens"]) == (10, 0, 30)
+
+
+
+def test_a_lock_that_cannot_be_created_is_one_clear_error(tmp_path, monkeypatch):
+    """(These tests run as root, whom no folder's mode stops: the refusal is made here.)"""
+    from servegen.generation import lock as lock_module
+
+    def refuse(path, *args):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(lock_module.os, "open", refuse)
+    with pytest.raises(ServegenError) as refused:
+        OutputLock(tmp_path / "output.jsonl").acquire()
+    assert str(refused.value) == f"cannot create {tmp_path}/output.jsonl.lock: Permission denied"
