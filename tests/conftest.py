@@ -8,16 +8,23 @@ import pytest
 
 @pytest.fixture
 def golden(request):
-    """Compare text with tests/<layer>/golden/<name>; SERVEGEN_UPDATE_GOLDEN=1 rewrites it."""
+    """Compare text with tests/<layer>/golden/<name>. SERVEGEN_UPDATE_GOLDEN=1 rewrites a file that
+    differs (or is missing) and fails the test all the same, so that a rewrite is never a pass:
+    review the diff, then run again without it. Refused where CI is set."""
     folder = Path(request.path).parent / "golden"
 
     def check(name: str, text: str) -> None:
         path = folder / name
-        if os.environ.get("SERVEGEN_UPDATE_GOLDEN") == "1":
+        old = path.read_text() if path.exists() else None
+        if os.environ.get("SERVEGEN_UPDATE_GOLDEN") == "1" and old != text:
+            if os.environ.get("CI"):
+                pytest.fail("SERVEGEN_UPDATE_GOLDEN=1 is refused where CI is set: golden files are written by hand")
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
-        assert path.exists(), f"golden file {path} is missing; run with SERVEGEN_UPDATE_GOLDEN=1 to create it"
-        assert text == path.read_text(), f"output differs from golden file {path}"
+            pytest.fail(f"golden file {path} {'rewritten' if old is not None else 'written'}; review the diff, "
+                        "then run again without SERVEGEN_UPDATE_GOLDEN")
+        assert old is not None, f"golden file {path} is missing; run with SERVEGEN_UPDATE_GOLDEN=1 to create it"
+        assert text == old, f"output differs from golden file {path}"
 
     return check
 
