@@ -57,6 +57,8 @@ INTERRUPTED_EXIT_CODE = 130
 class Interrupted(KeyboardInterrupt):
     """SIGINT, SIGTERM or SIGHUP arrived: stop what we started, then exit."""
 
+    said = False  # the job it stopped has printed "servegen: stopped" already
+
 
 def run_main(body, argv: list[str] | None) -> int:
     """Run a command body, stopping on signals as the module docstring says; user mistakes
@@ -67,8 +69,9 @@ def run_main(body, argv: list[str] | None) -> int:
     except ServegenError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("servegen: stopped", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        if not getattr(e, "said", False):
+            print("servegen: stopped", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
 
 

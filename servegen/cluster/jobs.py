@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from servegen.cli import STOP_SIGNALS, exit_on_signals
+from servegen.cli import INTERRUPTED_EXIT_CODE, STOP_SIGNALS, Interrupted, exit_on_signals
 from servegen.errors import ServegenError
 from servegen.server.process import die_with_parent
 
@@ -88,14 +88,17 @@ class JobCommand:
         self.stop()
         return DelayedSubmission(self, *args, **kwargs)  # the same command, run again
 
-    def stop(self) -> None:
+    def stop(self) -> int | None:
+        """SIGTERM to the command, SIGKILL after the grace period; its exit code (None: not running)."""
         proc, self._proc = self._proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.send_signal(signal.SIGTERM)
-        if _wait(proc, self.stop_grace_s) is None:
-            proc.kill()
-            _wait(proc, 10)
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            if _wait(proc, self.stop_grace_s) is None:
+                proc.kill()
+                _wait(proc, 10)
+        return proc.poll()
 
 
 class ForkedBody:
@@ -190,5 +193,8 @@ def run_local(job: JobSpec, body: Callable[[list[str]], int] | None = None) -> N
         command = JobCommand(argv, job.env, body=body)
         try:
             command()
+        except Interrupted as e:
+            e.said = command.stop() == INTERRUPTED_EXIT_CODE  # the body said "stopped" already
+            raise
         finally:
             command.stop()

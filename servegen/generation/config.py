@@ -3,6 +3,7 @@ change (parsed with Hydra's own override grammar, applied with OmegaConf), so
 `++inference.temperature=0.7` or `++stop_phrases='["\\n\\n"]'` mean what Hydra users expect."""
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,13 +137,15 @@ def build_config(overrides: list[str], base: GenerationConfig | None = None) -> 
     return OmegaConf.to_object(cfg)
 
 
-def to_overrides(cfg: GenerationConfig) -> list[str]:
-    """++key=value overrides that rebuild `cfg` from the defaults (for a job's command line)."""
+def to_overrides(cfg: GenerationConfig, keep: Iterable[str] = ()) -> list[str]:
+    """++key=value overrides that rebuild `cfg` from the defaults (for a job's command line); the
+    keys in `keep` (those the user typed) are written even where their value is the default."""
     defaults = OmegaConf.to_container(OmegaConf.structured(GenerationConfig()))
     current = OmegaConf.to_container(OmegaConf.structured(cfg))
+    keep = set(keep)
     out = []
     for key, value in _flatten(current):
-        if _lookup(defaults, key) != value:
+        if _lookup(defaults, key) != value or key in keep:
             out.append(f"++{key}={_hydra_value(value)}")
     return out
 

@@ -55,7 +55,7 @@ from servegen.inference.errors import (
     RetriesExhausted,
     redact,
 )
-from servegen.inference.http import TransportError, make_transport
+from servegen.inference.http import TransportError, connects, make_transport
 from servegen.inference.params import Params, Plan
 
 _CONTEXT_LENGTH = re.compile(
@@ -345,6 +345,9 @@ class Client:
         try:
             self.model = await self._call(state, "GET", self._prefix + "/v1/models", None, min(self.timeout, 60.0), first_model)
         except InferenceError as e:
+            if not connects(self.base_url, retry_for_s=0):  # the requests above were retried already
+                raise ModelUnknown(f"nothing answers at {self.base_url}: start the server first (servegen "
+                                   "start_server) or fix base_url (or host and port)", str(e)) from None
             raise ModelUnknown(f"cannot find out which model the server serves ({e}); pass model= to get_model", str(e)) from None
 
     def _attempt_params(self, p: Params, attempt: int) -> Params:
@@ -366,9 +369,10 @@ class Client:
                 return str(e)
         return None
 
-    def _invalid(self, why: str, generation: str) -> InvalidOutput:
+    def _invalid(self, why: str, row: dict) -> InvalidOutput:
         attempts = 1 + self.max_output_retries
-        return InvalidOutput(f"the generation is not a valid typed output after {attempts} attempts: {why}", generation)
+        return InvalidOutput(f"the generation is not a valid typed output after {attempts} attempts: {why}",
+                             row["generation"], num_generated_tokens=row["num_generated_tokens"])
 
     async def _generate_one(self, state: _LoopState, prompt: Any, p: Params, first_attempt: int = 0) -> dict:
         """One prompt, retried as a whole when its typed output does not validate."""
@@ -382,7 +386,7 @@ class Client:
             why = self._finish(row, q)
             if why is None:
                 return row
-        raise self._invalid(why, row["generation"])
+        raise self._invalid(why, row)
 
     async def _generate_batch(self, state: _LoopState, prompts: list[str], p: Params, first_attempt: int = 0) -> list:
         """Several string prompts that share `p` in one request per attempt: one result per
@@ -413,7 +417,7 @@ class Client:
                 rows[i] = result
         elif invalid:
             for i, why in invalid.items():
-                rows[i] = self._invalid(why, rows[i]["generation"])
+                rows[i] = self._invalid(why, rows[i])
         return rows
 
     @staticmethod
@@ -439,8 +443,11 @@ class Client:
             if isinstance(result, InferenceError):
                 error = _for_prompt(result, indices[k])
                 if soft_fail:
-                    generation = error.generation if isinstance(error, InvalidOutput) else None
-                    row = {"generation": generation, "num_generated_tokens": 0, "finish_reason": "error", "error": str(error)}
+                    # a typed output that did not validate keeps its last text and the tokens it took
+                    invalid = isinstance(error, InvalidOutput)
+                    row = {"generation": error.generation if invalid else None,
+                           "num_generated_tokens": (error.num_generated_tokens or 0) if invalid else 0,
+                           "finish_reason": "error", "error": str(error)}
                     if p.spec is not None:
                         row["output"] = None
                     out[k] = row

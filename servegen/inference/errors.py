@@ -41,11 +41,14 @@ class ModelUnknown(InferenceError):
 
 
 class InvalidOutput(InferenceError):
-    """A typed output that did not parse or validate on any attempt. `generation` is the last text."""
+    """A typed output that did not parse or validate on any attempt. `generation` is the last text,
+    `num_generated_tokens` its tokens."""
 
-    def __init__(self, message: str, generation: str | None, index: int | None = None):
+    def __init__(self, message: str, generation: str | None, index: int | None = None,
+                 num_generated_tokens: int | None = None):
         super().__init__(message, index)
         self.generation = generation
+        self.num_generated_tokens = num_generated_tokens
 
 
 class BatchingUnsupported(ServegenError):

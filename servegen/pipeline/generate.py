@@ -69,6 +69,7 @@ def _generate(argv: list[str] | None) -> int:
     cluster = load_cluster_config(args.cluster, args.config_dir)
     seeds = _seeds(args)
     cfg = _job_config(args, cluster, seeds, overrides)
+    typed = {key for key, _ in parse_overrides(overrides)}
     units = Job(cfg).units  # checks the whole config here, before anything runs or queues
     log_dir = Path(cfg.log_dir)
     # here, not in the jobs: a requeued or follow-up job must keep what its first run wrote
@@ -80,7 +81,7 @@ def _generate(argv: list[str] | None) -> int:
     if cluster.executor == "local":
         if args.dependent_jobs or args.run_after:
             raise ServegenError("--dependent_jobs and --run_after need a Slurm cluster; locally jobs run in order")
-        job = JobSpec(name=args.expname, commands=[_command(cfg)], env=cluster.env_vars, log_dir=log_dir)
+        job = JobSpec(name=args.expname, commands=[_command(cfg, typed)], env=cluster.env_vars, log_dir=log_dir)
         if args.dry_run:
             print(local_commands_text(job), end="")
             return 0
@@ -100,7 +101,7 @@ def _generate(argv: list[str] | None) -> int:
     if not todo:
         print(f"servegen: every output is already done in {args.output_dir}; --rerun_done runs it again")
         return 0
-    commands = [_command(cfg, unit) for unit in todo]
+    commands = [_command(cfg, typed, unit) for unit in todo]
     job = JobSpec(
         name=args.expname,
         commands=commands,
@@ -210,13 +211,14 @@ def _abs(path) -> Path:
     return Path(path).expanduser().resolve()
 
 
-def _command(cfg: GenerationConfig, unit: Unit | None = None) -> list[str]:
-    """The job body's command line; one unit (seed, chunk) per Slurm task, all of them locally."""
+def _command(cfg: GenerationConfig, typed: set[str], unit: Unit | None = None) -> list[str]:
+    """The job body's command line, with every ++key the user typed (`typed`); one unit (seed,
+    chunk) per Slurm task, all of them locally."""
     if unit is not None:
         cfg = build_config([], base=cfg)
         cfg.random_seeds = None if unit.seed is None else [unit.seed]
         cfg.chunk_ids = None if unit.chunk is None else [unit.chunk]
-    return [sys.executable, "-m", job_main.__module__, *to_overrides(cfg)]
+    return [sys.executable, "-m", job_main.__module__, *to_overrides(cfg, keep=typed)]
 
 
 if __name__ == "__main__":

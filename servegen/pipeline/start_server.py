@@ -215,6 +215,9 @@ def _public_host(host: str, in_job: bool) -> str:
 
 def _check_port_free(host: str, port: int) -> None:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        # as the servers bind (uvicorn sets it): a port whose last connections linger in TIME_WAIT
+        # is free for them, one that something listens on is not
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

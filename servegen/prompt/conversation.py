@@ -14,9 +14,10 @@ class Conversation:
     system: str  # "" for none
     turns: tuple[Turn, ...]
 
-    def messages(self) -> list[dict]:
-        """OpenAI-style messages; no system message when the system text is empty."""
-        messages = [{"role": "system", "content": self.system}] if self.system else []
+    def messages(self, drop_empty_system: bool = True) -> list[dict]:
+        """OpenAI-style messages; an empty system text gives no system message unless
+        drop_empty_system=False (some chat templates, Gemma 2's, refuse any system message)."""
+        messages = [{"role": "system", "content": self.system}] if self.system or not drop_empty_system else []
         for turn in self.turns:
             messages.append({"role": "user", "content": turn.user})
             if turn.assistant is not None:

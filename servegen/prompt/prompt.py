@@ -37,9 +37,12 @@ class Prompt:
         """Where the model's reply ends, from the template; [] without one."""
         return list(self.template.stop_phrases) if self.template is not None else []
 
-    def build_messages(self, data: dict | list[dict]) -> list[dict]:
-        """Chat messages for /v1/chat/completions: the server's own chat template spells them."""
-        return self.conversation(data).messages()
+    def build_messages(self, data: dict | list[dict], drop_empty_system: bool = False) -> list[dict]:
+        """Chat messages for /v1/chat/completions: the server's own chat template spells them. The
+        system message comes first even when empty, as NeMo-Skills prints it; drop_empty_system=True
+        leaves an empty one out, as a generation job sends them (a template like Gemma 2's refuses
+        any system message) and as a model folder's template renders them."""
+        return self.conversation(data).messages(drop_empty_system)
 
     def build_string(self, data: dict | list[dict]) -> str:
         """The whole prompt string with every special token, for /v1/completions, ending where

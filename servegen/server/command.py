@@ -7,6 +7,8 @@ of the head node). Engines that run one process per GPU (MPI, torch.distributed)
 tasks_per_node; the cluster layer then starts that many tasks (mpirun locally, srun on Slurm).
 """
 
+import json
+import re
 import shlex
 from dataclasses import dataclass, field
 
@@ -46,11 +48,30 @@ class ServerCommand:
 
 
 def split_args(server_args: str | None) -> tuple[str, ...]:
-    """--server_args as the shell would split it."""
+    """--server_args as the shell would split it, except that a word that starts with { or [ and
+    is a whole JSON value stays one word, quotes and all: `--structured-outputs-config
+    {"backend": "xgrammar"}` needs no quoting inside the quotes around --server_args."""
+    text = server_args or ""
+    words: list[str] = []
+    decoder = json.JSONDecoder()
+    rest = 0
     try:
-        return tuple(shlex.split(server_args or ""))
+        for start in (m.start() for m in re.finditer(r"(?:^|(?<=\s))[{\[]", text)):
+            if start < rest:
+                continue  # inside a JSON value already taken
+            try:
+                _, end = decoder.raw_decode(text, start)
+            except json.JSONDecodeError:
+                continue  # not JSON: the shell's splitting decides
+            if end < len(text) and not text[end].isspace():
+                continue
+            words += shlex.split(text[rest:start])
+            words.append(text[start:end])
+            rest = end
+        words += shlex.split(text[rest:])
     except ValueError as e:
         raise ServegenError(f"--server_args cannot be parsed ({e}): {server_args!r}") from None
+    return tuple(words)
 
 
 def has_flag(args: tuple[str, ...], *names: str) -> bool:

@@ -466,9 +466,9 @@ def test_short_generations_go_64_per_request_with_64_requests_in_flight(stub, tm
         (["--random_seeds", "0,1", "--num_random_seeds", "2"], "give --random_seeds or --num_random_seeds, not both"),
         (["--starting_seed", "3"], "--starting_seed is the first seed of --num_random_seeds"),
         (["--random_seeds", "a,b"], "--random_seeds must look like 0,3,5 or 0-2"),
-        (["--chunk_ids", "1"], "chunk_ids needs num_chunks > 1"),
-        (["--num_chunks", "3", "--chunk_ids", "1,3"], "chunk ids [3] are outside 0..2"),
-        (["--num_chunks", "0"], "num_chunks must be 1 or more"),
+        (["--chunk_ids", "1"], "--chunk_ids needs --num_chunks 2 or more"),
+        (["--num_chunks", "3", "--chunk_ids", "1,3"], "--chunk_ids [3] are outside 0..2 (--num_chunks 3)"),
+        (["--num_chunks", "0"], "--num_chunks must be 1 or more"),
         (["--dependent_jobs", "1"], "--dependent_jobs and --run_after need a Slurm cluster"),
     ],
 )
@@ -549,6 +549,18 @@ DRY_RUNS = {
         "--dependent_jobs", "2", "--time_limit", "02:00:00", "--time_min", "01:00:00",
     ],
 }
+
+
+def test_the_printed_job_command_keeps_every_override_typed_even_one_equal_to_its_default(tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    write_dataset(data, 3)
+    argv = ["--input_file", str(data), "--output_dir", str(tmp_path / "out"), "--server_address", "http://h:1",
+            "++inference.temperature=0", "++soft_fail=true", "++inference.top_p=0.5", "--dry_run"]
+    assert generate.main(argv) == 0
+    [command] = [line for line in capsys.readouterr().out.splitlines() if not line.startswith("#")]
+    words = shlex.split(command)
+    assert {"++inference.temperature=0.0", "++soft_fail=true", "++inference.top_p=0.5"} <= set(words)
+    assert "++inference.top_k=-1" not in words  # not typed, the default: left out
 
 
 TASKS = {  # (seed, chunk) of each Slurm task, job after job

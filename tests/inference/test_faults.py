@@ -137,6 +137,18 @@ def test_models_endpoint_failure_says_to_pass_model(stub):
         assert stub.bodies[0]["model"] == "stub-model"
 
 
+def test_a_client_with_nothing_listening_at_its_address_says_so():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed when the block ends: nothing listens
+    with get_model("vllm", port=port, max_retries=1, **FAST) as llm:
+        with pytest.raises(ModelUnknown) as e:
+            llm.generate(["What's 2 + 2?"])
+    assert str(e.value) == (f"nothing answers at http://127.0.0.1:{port}: start the server first (servegen start_server) "
+                            "or fix base_url (or host and port)")
+    assert "Connection refused" in e.value.cause
+
+
 def test_10000_prompts_through_random_faults_nothing_lost_or_duplicated(stub):
     """Every prompt gets its own answer exactly once, in order, through a mix of 500s, 429s,
     dropped and truncated connections, stalls past the timeout and malformed bodies; and the

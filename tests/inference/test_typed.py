@@ -83,9 +83,10 @@ def test_never_valid_is_an_error_or_an_error_row(stub):
     with get_model("hf", base_url=stub.base_url, max_output_retries=1) as llm:
         with pytest.raises(InvalidOutput, match=r"prompt 0: .*not a valid typed output after 2 attempts: answer: 'four'") as e:
             llm.generate(["q"], output_type={"answer": "int"})
-        assert e.value.generation == '{"answer": "four"}'
+        assert e.value.generation == '{"answer": "four"}' and e.value.num_generated_tokens == 2
         row = llm.generate(["q", "fine"], output_type=[{"answer": "int"}, None], soft_fail=True)
     assert row[0]["output"] is None and row[0]["generation"] == '{"answer": "four"}' and "answer: 'four'" in row[0]["error"]
+    assert row[0]["num_generated_tokens"] == 2  # the stub counts words: the failed text's tokens, not 0
     assert row[1] == {"generation": "reply to fine", "num_generated_tokens": 3, "finish_reason": "stop"}
     assert stub.requests["q"] == 4
 

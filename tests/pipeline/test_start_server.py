@@ -76,6 +76,27 @@ def test_port_in_use(tmp_path):
     assert f"--server_port {port} is already in use" in result.stderr
 
 
+def test_a_port_whose_last_connection_waits_in_time_wait_is_free(tmp_path):
+    """As after a server on --server_port 5000 stops: its side of each connection it closed
+    lingers in TIME_WAIT for a minute, and a new server binds the port all the same."""
+    import socket
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        conn, _ = listener.accept()
+        conn.close()  # the server's side closes first: it is the one in TIME_WAIT
+        client.close()
+    with socket.socket() as plain, pytest.raises(OSError):
+        plain.bind(("127.0.0.1", port))  # the TIME_WAIT is there: a bind without SO_REUSEADDR fails
+    result = start_server("--model", "/no/such/model", "--server_type", "vllm", "--server_gpus", "0",
+                          "--server_port", str(port), cwd=tmp_path)
+    assert (result.returncode, result.stderr) == (2, "error: --model /no/such/model: no such file or folder\n")
+
+
 def test_unknown_server_type_is_an_argparse_error(tmp_path):
     result = start_server("--model", "/m", "--server_type", "tgi", "--server_gpus", "0", cwd=tmp_path)
     assert result.returncode == 2

@@ -20,9 +20,12 @@ def write(folder: Path, name: str, text: str) -> str:
 # --- build_messages -----------------------------------------------------------------------------
 
 
-def test_build_messages_omits_empty_system_message():
+def test_build_messages_starts_with_the_system_message_even_empty_as_nemo_skills_prints_it():
     prompt = get_prompt("generic/default")
-    assert prompt.build_messages({"question": "What's 2 + 2?", "answer": 4}) == [
+    assert prompt.build_messages({"question": "What's 2 + 2?"}) == [
+        {"role": "system", "content": ""}, {"role": "user", "content": "What's 2 + 2?"}
+    ]
+    assert prompt.build_messages({"question": "What's 2 + 2?", "answer": 4}, drop_empty_system=True) == [
         {"role": "user", "content": "What's 2 + 2?"}
     ]
 
@@ -76,7 +79,7 @@ def test_multi_turn_last_turn_cannot_have_a_reply():
 
 def test_single_row_may_carry_any_other_fields():
     messages = get_prompt("generic/default").build_messages({"question": "Hi", "assistant": "ref", "id": 3})
-    assert messages == [{"role": "user", "content": "Hi"}]
+    assert messages == [{"role": "system", "content": ""}, {"role": "user", "content": "Hi"}]
 
 
 @pytest.mark.parametrize("data", [[], "What's 2 + 2?", None, [{"question": "Hi", "assistant": "x"}, "Bye"]])
@@ -103,7 +106,7 @@ def test_missing_field_in_a_later_turn_names_the_turn():
 
 def test_literal_braces_and_attribute_placeholders(tmp_path):
     config = write(tmp_path, "c.yaml", 'user: "Put it in \\\\boxed{{}}: {item[name]} x{count}"\n')
-    text = get_prompt(config).build_messages({"item": {"name": "apples"}, "count": 3})[0]["content"]
+    text = get_prompt(config).build_messages({"item": {"name": "apples"}, "count": 3})[-1]["content"]
     assert text == "Put it in \\boxed{}: apples x3"
 
 
@@ -141,7 +144,7 @@ def test_jinja2_user_text_reads_extra_row_fields(tmp_path):
         "documents": [{"title": "A", "text": "ten"}, {"title": "B", "text": "twelve"}],
         "choices": ["A", "B"],
     }
-    assert prompt.build_messages(row) == [
+    assert prompt.build_messages(row, drop_empty_system=True) == [
         {
             "role": "user",
             "content": "Answer using the context.\n[1] A: ten\n[2] B: twelve\nQuestion: Which is larger? Choices: A, B",
@@ -166,7 +169,7 @@ def test_jinja2_syntax_error_names_file_and_line(tmp_path):
 
 def test_python_format_leaves_jinja_syntax_alone(tmp_path):
     config = write(tmp_path, "c.yaml", 'user: "{{% raw %}} {question}"\n')
-    assert get_prompt(config).build_messages({"question": "Q"})[0]["content"] == "{% raw %} Q"
+    assert get_prompt(config).build_messages({"question": "Q"})[-1]["content"] == "{% raw %} Q"
 
 
 # --- few-shot examples --------------------------------------------------------------------------
@@ -184,24 +187,24 @@ user: "{examples}Q: {q}"
 def test_few_shot_examples_fill_the_examples_placeholder(tmp_path):
     sets = write(tmp_path, "sets.yaml", "- {q: '1 + 1', a: '2'}\n- {q: '2 + 3', a: '5'}\n")
     prompt = get_prompt(write(tmp_path, "c.yaml", FEW_SHOT_CONFIG), examples_type=sets)
-    assert prompt.build_messages({"q": "4 + 4"})[0]["content"] == "Examples:\nQ: 1 + 1\nA: 2\nQ: 2 + 3\nA: 5\nNow:\nQ: 4 + 4"
+    assert prompt.build_messages({"q": "4 + 4"})[-1]["content"] == "Examples:\nQ: 1 + 1\nA: 2\nQ: 2 + 3\nA: 5\nNow:\nQ: 4 + 4"
 
 
 def test_few_shot_without_examples_type_writes_nothing(tmp_path):
     prompt = get_prompt(write(tmp_path, "c.yaml", FEW_SHOT_CONFIG))
-    assert prompt.build_messages({"q": "4 + 4"})[0]["content"] == "Q: 4 + 4"
+    assert prompt.build_messages({"q": "4 + 4"})[-1]["content"] == "Q: 4 + 4"
 
 
 def test_few_shot_examples_go_into_the_first_turn_only(tmp_path):
     sets = write(tmp_path, "sets.yaml", "- {q: '1 + 1', a: '2'}\n")
     prompt = get_prompt(write(tmp_path, "c.yaml", FEW_SHOT_CONFIG), examples_type=sets)
     messages = prompt.build_messages([{"q": "2 + 2", "assistant": "4"}, {"q": "3 + 3"}])
-    assert [m["content"] for m in messages] == ["Examples:\nQ: 1 + 1\nA: 2\nNow:\nQ: 2 + 2", "4", "Q: 3 + 3"]
+    assert [m["content"] for m in messages] == ["", "Examples:\nQ: 1 + 1\nA: 2\nNow:\nQ: 2 + 2", "4", "Q: 3 + 3"]
 
 
 def test_packaged_math_config_with_registered_examples():
     prompt = get_prompt("generic/math", examples_type="math_arithmetic")
-    content = prompt.build_messages({"problem": "What is 6 times 7?"})[0]["content"]
+    content = prompt.build_messages({"problem": "What is 6 times 7?"})[-1]["content"]
     assert content.startswith("Solve the following math problem.")
     assert "inside \\boxed{}." in content
     assert content.count("Problem:\n") == len(load_examples("math_arithmetic")) == 3
@@ -211,7 +214,7 @@ def test_packaged_math_config_with_registered_examples():
 def test_examples_type_in_the_config_is_used_and_can_be_overridden(tmp_path):
     sets = write(tmp_path, "sets.yaml", "- {q: '1 + 1', a: '2'}\n")
     config = write(tmp_path, "c.yaml", FEW_SHOT_CONFIG.replace("examples_type: null", f"examples_type: {sets}"))
-    assert "Q: 1 + 1" in get_prompt(config).build_messages({"q": "x"})[0]["content"]
+    assert "Q: 1 + 1" in get_prompt(config).build_messages({"q": "x"})[-1]["content"]
     # the override is used: its examples lack this config's fields, found as soon as it loads
     with pytest.raises(ServegenError, match=r"needs field 'q', which example 1 of math_arithmetic does not have"):
         get_prompt(config, examples_type="math_arithmetic")

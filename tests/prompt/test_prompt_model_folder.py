@@ -27,7 +27,7 @@ def test_official_template_folders_render_as_transformers_does(fixture, case, co
     _, data = case
     prompt = get_prompt("chat", str(FIXTURES / fixture), config_dir=config_dir)
     assert isinstance(prompt.template, ModelChatTemplate)
-    messages = prompt.build_messages(data)
+    messages = prompt.build_messages(data, drop_empty_system=True)
     if fixture == "gemma-2" and messages[0]["role"] == "system":
         with pytest.raises(ServegenError, match=r"chat template of .*gemma-2 refused the conversation: System role not supported"):
             prompt.build_string(data)
@@ -45,7 +45,7 @@ def test_folder_saved_by_transformers(tmp_path):
     prompt = get_prompt("generic/default", str(tmp_path))
     assert prompt.template.source == tmp_path / "chat_template.jinja"
     data = [{"question": "What's 2 + 2?", "assistant": "2 + 2 = 4."}, {"question": "And 3 + 3?"}]
-    expected = hf_render(AutoTokenizer.from_pretrained(tmp_path), prompt.build_messages(data))
+    expected = hf_render(AutoTokenizer.from_pretrained(tmp_path), prompt.build_messages(data, drop_empty_system=True))
     assert prompt.build_string(data) == expected
     assert expected.startswith("<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat's 2 + 2?<|eot_id|>")
     assert prompt.stop_phrases == ["<|eot_id|>"]
@@ -130,7 +130,7 @@ year {{ strftime_now("%Y") }}
     data = [{"question": "é \"q\"", "assistant": "r"}, {"question": "q2"}]
     prompt = get_prompt("generic/default", str(folder))
     built = prompt.build_string(data)
-    assert built == hf_render(hf_tokenizer(template), prompt.build_messages(data))
+    assert built == hf_render(hf_tokenizer(template), prompt.build_messages(data, drop_empty_system=True))
     assert '{"role": "user", "content": "é \\"q\\""}' in built and "<&>" in built
     assert f"year {datetime.now().year}" in built and built.endswith(" go")
 

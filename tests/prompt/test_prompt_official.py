@@ -19,9 +19,10 @@ FAMILIES = {
 
 
 def official_messages(prompt, data) -> list[dict]:
-    """The conversation the official template gets: build_messages(data), plus the empty system
-    message that a template with `empty_system: block` writes a block for."""
-    messages = prompt.build_messages(data)
+    """The conversation the official template gets: the messages a job sends (no empty system
+    message), plus the empty system message that a template with `empty_system: block` writes a
+    block for."""
+    messages = prompt.build_messages(data, drop_empty_system=True)
     if prompt.template.empty_system == "block" and messages[0]["role"] != "system":
         messages = [{"role": "system", "content": ""}, *messages]
     return messages
@@ -39,7 +40,7 @@ def test_build_string_equals_official_template(template, case, config_dir, offic
 def test_gemma_equals_gemma_2_template_without_system_prompt(case, config_dir, official):
     _, data = case
     prompt = get_prompt("chat", "gemma", config_dir=config_dir)
-    messages = prompt.build_messages(data)
+    messages = prompt.build_messages(data, drop_empty_system=True)
     assert messages[0]["role"] != "system"  # Gemma 2's template refuses one
     assert prompt.build_string(data) == official("gemma-2", messages)
 
@@ -70,8 +71,9 @@ def test_llama3_default_config_matches_official_template_with_empty_system(offic
 
 def test_llama3_official_template_without_system_message_has_no_system_block(official):
     """The other reading of "no system prompt": the official template given no system message at
-    all writes no system block. That is what a chat endpoint renders from build_messages()."""
-    messages = get_prompt("generic/default").build_messages({"question": "What's 2 + 2?"})
+    all writes no system block. That is what a chat endpoint renders from the messages a job sends
+    (build_messages(..., drop_empty_system=True))."""
+    messages = get_prompt("generic/default").build_messages({"question": "What's 2 + 2?"}, drop_empty_system=True)
     assert messages == [{"role": "user", "content": "What's 2 + 2?"}]
     assert official("llama3-instruct", messages) == (
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nWhat's 2 + 2?<|eot_id|>"

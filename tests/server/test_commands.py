@@ -275,3 +275,28 @@ def test_script_locations_follow_the_environment(run_script):
     assert argv[3] == "/src/Megatron-LM/tools/run_text_generation_server.py"
     argv = engine_call(run_script(spec("nemo"), SERVEGEN_NEMO_DIR="/src/NeMo"))
     assert argv[1] == "/src/NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py"
+
+
+@pytest.mark.parametrize("text, words", [
+    ("--max-model-len 8192 --dtype float32", ("--max-model-len", "8192", "--dtype", "float32")),
+    ("--name 'two words' --x=\"y z\"", ("--name", "two words", "--x=y z")),
+    # a JSON value stays one word, its quotes kept: no quoting within the quotes of --server_args
+    ('--structured-outputs-config {"backend": "xgrammar", "disable_any_whitespace": true} --enforce-eager',
+     ("--structured-outputs-config", '{"backend": "xgrammar", "disable_any_whitespace": true}', "--enforce-eager")),
+    ('--hf-overrides {"rope_scaling": {"type": "yarn", "factor": [4, "x y"]}}',
+     ("--hf-overrides", '{"rope_scaling": {"type": "yarn", "factor": [4, "x y"]}}')),
+    ("--lora-modules [1,2] --a {x}", ("--lora-modules", "[1,2]", "--a", "{x}")),  # {x}: not JSON, the shell's way
+    ("--cfg '{\"a\": 1}'", ("--cfg", '{"a": 1}')),  # quoted the shell's way: still right
+    ("", ()),
+])
+def test_server_args_split_as_the_shell_does_but_json_values_stay_whole(text, words):
+    from servegen.server.command import split_args
+
+    assert split_args(text) == words
+
+
+def test_server_args_that_cannot_be_split_are_one_clear_error():
+    from servegen.server.command import split_args
+
+    with pytest.raises(ServegenError, match=r"--server_args cannot be parsed \(No closing quotation\)"):
+        split_args("--name 'unclosed")
