@@ -102,3 +102,38 @@ def test_stream_gives_up_after_max_retries_plus_one_requests(stub, mode, max_ret
         with pytest.raises(RetriesExhausted, match=f"failed {max_retries + 1} times"):
             list(llm.stream("raw"))
     assert stub.requests["raw"] == max_retries + 1
+
+
+# (text, phrases, keep) -> (text after the trim, found): written out by hand, not computed by trim
+TRIM_TABLE = [
+    ("2 + 2 = 4.<|eot_id|>junk", ("<|eot_id|>",), False, "2 + 2 = 4.", True),
+    ("2 + 2 = 4.<|eot_id|>junk", ("<|eot_id|>",), True, "2 + 2 = 4.<|eot_id|>", True),
+    ("no stop here", ("</s>", "###"), False, "no stop here", False),
+    ("", ("x",), False, "", False),
+    ("x", (), False, "x", False),
+    # the earliest position wins, whatever the order of the phrases
+    ("a STOP b END c", ("END", "STOP"), False, "a ", True),
+    ("a STOP b END c", ("END", "STOP"), True, "a STOP", True),
+    # two phrases at one position: the shorter ends first, where a server applying them stops
+    ("answer\n\nQuestion: next", ("\n\nQuestion:", "\n\n"), True, "answer\n\n", True),
+    ("answer\n\nQuestion: next", ("\n\n", "\n\nQuestion:"), True, "answer\n\n", True),
+    ("answer\n\nQuestion: next", ("\n\nQuestion:", "\n\n"), False, "answer", True),
+    # a phrase that is also a later phrase's tail, and repeats: the first occurrence
+    ("aXbXc", ("X",), False, "a", True),
+    ("abcabc", ("bc", "c"), True, "abc", True),
+    ("überstop", ("stop",), False, "über", True),
+]
+
+
+@pytest.mark.parametrize("text, phrases, keep, want, found", TRIM_TABLE)
+def test_trim_against_values_written_out(text, phrases, keep, want, found):
+    assert trim(text, phrases, keep) == (want, found)
+    trimmer = StreamTrimmer(phrases, keep)  # the stream's trim, one character a piece, agrees
+    shown = []
+    for c in text:
+        shown.append(trimmer.feed(c))
+        if trimmer.stopped:
+            break
+    if not trimmer.stopped:
+        shown.append(trimmer.flush())
+    assert "".join(shown) == want and trimmer.stopped == found
