@@ -65,11 +65,7 @@ def vllm_server(demo_model, tmp_path_factory):
         model=str(demo_model),
         gpus=0,
         port=port,
-        args=(
-            "--max-model-len", "512",
-            # a weak model may run on as whitespace inside JSON until max_tokens (docs/vllm-on-cpu.md)
-            "--structured-outputs-config", '{"backend":"xgrammar","disable_any_whitespace":true}',
-        ),
+        args=("--max-model-len", "512"),
     )
     command = build_server_command(spec)
     cluster = parse_cluster_config({"executor": "local"}, Path("tests"))

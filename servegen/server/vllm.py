@@ -25,6 +25,8 @@ TP_FLAGS = ("--tensor-parallel-size", "-tp")
 PP_FLAGS = ("--pipeline-parallel-size", "-pp")
 # The CPU build's console script is broken (it looks for the distribution "vllm"); the module works.
 ENTRYPOINT = ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+CHUNKED_PREFILL_FLAGS = ("--enable-chunked-prefill", "--no-enable-chunked-prefill")
+CPU_STRUCTURED_OUTPUTS = '{"backend":"xgrammar","disable_any_whitespace":true}'
 
 
 def build_command(spec: ServerSpec) -> ServerCommand:
@@ -47,6 +49,12 @@ def build_command(spec: ServerSpec) -> ServerCommand:
             spec.args,
             [("--dtype", "float32"), ("--enforce-eager",), ("--gpu-memory-utilization", "0.5")],
         )
+        if not has_flag(spec.args, *CHUNKED_PREFILL_FLAGS):
+            # a prompt split over two steps kills the CPU engine on a seeded request (set_offset)
+            argv += ["--no-enable-chunked-prefill"]
+        if not any(a.startswith("--structured-outputs-config") for a in spec.args):  # also its .key= form
+            # a weak model otherwise runs on as whitespace inside JSON until max_tokens
+            argv += ["--structured-outputs-config", CPU_STRUCTURED_OUTPUTS]
         return ServerCommand(script=join(argv + list(spec.args)), env=env)
 
     tp, pp = parallel_sizes(spec, TP_FLAGS, PP_FLAGS, default_pp=spec.nodes)
