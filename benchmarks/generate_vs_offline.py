@@ -34,7 +34,9 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULT = HERE / "results" / "generate_vs_offline.json"
 MAX_TOKENS = 32
-ENGINE = dict(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.5, max_model_len=512)
+# the offline engine as servegen starts a CPU server (servegen/server/vllm.py), chunked prefill off included
+ENGINE = dict(dtype="float32", enforce_eager=True, gpu_memory_utilization=0.5, max_model_len=512,
+              enable_chunked_prefill=False)
 LIMITS = dict(max_num_seqs=256, max_num_batched_tokens=4096)  # vLLM's offline defaults on CPU
 
 
