@@ -7,7 +7,7 @@ each with its own extras. What each one is sent, per parameter:
 | min_p | sent only if set | min_p | min_p | min_p | generation_config.min_p if set |
 | repetition_penalty | sent only if set | repetition_penalty | repetition_penalty | repetition_penalty | generation_config if set |
 | random_seed | seed | seed | seed | seed | seed |
-| stop_phrases | stop (first 4) | stop | stop | stop | stop |
+| stop_phrases | stop (first 4) | stop (first 4: VLLM_MAX_STOP_STRINGS) | stop | stop | stop |
 | remove_stop_phrases=False | - | include_stop_str_in_output | no_stop_trim | include_stop_str_in_output | - |
 | typed output, chat | response_format json_schema | response_format json_schema | response_format json_schema | response_format json (*) | - |
 | typed output, completions | - | structured_outputs.json | json_schema (a string) | response_format json (*) | - |
@@ -47,6 +47,7 @@ from servegen.inference.errors import BatchingUnsupported
 from servegen.inference.params import Params
 
 OPENAI_MAX_STOP = 4  # the hosted API's limit; the rest are trimmed on the client
+VLLM_MAX_STOP = 4  # vLLM's VLLM_MAX_STOP_STRINGS default: HTTP 400 for a fifth; trimmed on the client too
 
 
 class OpenAIClient(Client):
@@ -173,7 +174,7 @@ class VLLMClient(OpenAIClient):
     server_type = "vllm"
     batching = True
     default_prompts_per_request = 16  # measured: docs/clients.md#several-prompts-per-request
-    max_stop = None
+    max_stop = VLLM_MAX_STOP
     sends_add_special_tokens = True
 
     def add_sampling(self, body: dict, p: Params) -> None:
@@ -197,6 +198,7 @@ class SGLangClient(VLLMClient):
     server_type = "sglang"
     default_prompts_per_request = 1  # per-choice token ids only in SGLang releases since 2026
     sends_add_special_tokens = False
+    max_stop = None
 
     def add_keep_stop(self, body: dict) -> None:
         body["no_stop_trim"] = True
@@ -213,6 +215,7 @@ class TRTLLMClient(VLLMClient):
     batching = "trtllm-serve returns per-prompt token ids only without the text (detokenize=false)"
     default_prompts_per_request = 1
     top_k_off = 0
+    max_stop = None
 
     def __init__(self, *args, structured_decoding: bool = False, **kwargs):
         super().__init__(*args, **kwargs)

@@ -15,15 +15,34 @@ PUT /api, as documented in servegen/inference/nemo.py. What it answers:
 - a prompt containing TOO_LONG gets vLLM's 400 for a prompt over the context length, one
   containing BAD_REQUEST a 422 in FastAPI's shape (in a list: the whole request, as vLLM);
 - `mode` injects faults: "500", "429" (Retry-After: `retry_after`), "drop" (connection closed
-  with no answer), "truncate" (headers and half a body, then closed), "stall" (no answer for
-  `stall_s`, then closed), "malformed" (200 with a body that is not JSON), "401" (refuses the
-  key and echoes it back), "chunked" (a correct answer with chunked transfer encoding), "mix"
-  (each request: a random fault with probability `fault_rate`, from a seeded generator);
-  `fail_first` > 0 limits the faults to each prompt's first `fail_first` requests.
+  with no answer), "truncate" (headers and half a body, then closed), "stall" (no answer until
+  the client gives up and closes the connection, or for at most `stall_s`; then closed),
+  "malformed" (200 with a body that is not JSON), "401" (refuses the key and echoes it back),
+  "chunked" (a correct answer with chunked transfer encoding), "mix" (each request: a random
+  fault with probability `fault_rate`, drawn from a generator seeded with `seed`, the prompt key
+  and the request's number for that key, so that a prompt meets the same faults whatever order
+  the requests arrive in); `fail_first` > 0 limits the faults to each prompt's first `fail_first`
+  requests.
 
 It counts requests and 200 answers per prompt key (`requests`, `answered`; a request with a list
 counts once for each of its prompts), the prompts in each HTTP request (`batch_sizes`), records
-request bodies and headers, and the most HTTP requests it held at once (`max_in_flight`).
+request bodies and headers, the HTTP requests it holds now and the most it held at once
+(`in_flight`, `max_in_flight`).
+
+Holding answers, for tests that must see requests in flight without racing a delay: with
+`hold_all = True` (or a request whose prompt key is in `held`) a request waits, in flight and
+counted in `holding`, until `release()`; a test waits for what must happen with `eventually(...)`
+and then releases. `reset()` releases whatever is still held and ends the release.
+
+Strict mode (`strict`): every request body is validated against the JSON schema of an engine's
+documented request (tests/inference/schemas/<engine>.json, which says where each one comes from):
+`strict = "sglang"` validates every request as SGLang's; `strict = "auto"` (what the `stub`
+fixture sets) validates each request as the engine its client is for, named by the
+`X-Stub-Server-Type` header that the fixture makes each servegen client send (an engine without a
+schema file, such as hf, is not validated). A body that does not match (a field the engine does
+not document, a value of the wrong type or out of its documented range) gets HTTP 400 naming the
+field, in that engine's error shape, and is recorded in `schema_errors`; `None` (the default)
+reads only the fields it needs, as before.
 """
 
 import asyncio
@@ -32,7 +51,10 @@ import json
 import random
 import socket
 import threading
+import time
+from pathlib import Path
 
+import jsonschema
 from aiohttp import web
 
 FAULTS = ("500", "429", "drop", "truncate", "stall", "malformed")
@@ -40,6 +62,116 @@ CONTEXT_ERROR = (
     "This model's maximum context length is 512 tokens. However, you requested 900 tokens "
     "(600 in the messages, 300 in the completion). Please reduce the length of the messages or completion."
 )
+SERVER_TYPE_HEADER = "X-Stub-Server-Type"  # which engine's schema a request is validated against
+SCHEMA_DIR = Path(__file__).parent / "schemas"
+
+
+def load_schemas() -> dict[str, dict[str, jsonschema.protocols.Validator]]:
+    """{engine: {"POST /v1/completions": validator, ...}} from tests/inference/schemas/*.json (each
+    endpoint's schema with its "#/$defs/..." references put in place: twice as fast to check)."""
+    out = {}
+    for path in sorted(SCHEMA_DIR.glob("*.json")):
+        doc = json.loads(path.read_text())
+        validators = {}
+        for route, name in doc["endpoints"].items():
+            root = {"$schema": "https://json-schema.org/draft/2020-12/schema", "$defs": doc["$defs"], "$ref": f"#/$defs/{name}"}
+            jsonschema.Draft202012Validator.check_schema(root)
+            validators[route] = jsonschema.Draft202012Validator(_inline(doc["$defs"][name], doc["$defs"]))
+        out[doc["engine"]] = validators
+    return out
+
+
+def _inline(node, defs: dict):
+    if isinstance(node, dict):
+        if set(node) == {"$ref"} and node["$ref"].startswith("#/$defs/"):
+            return _inline(defs[node["$ref"][len("#/$defs/"):]], defs)
+        return {k: _inline(v, defs) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_inline(v, defs) for v in node]
+    return node
+
+
+SCHEMAS = load_schemas()
+_CHECKED: dict[tuple, list[str]] = {}  # bodies that differ only in their prompts' text are checked once
+
+
+def schema_problems(engine: str, route: str, body) -> list[str]:
+    """What is wrong with a request body by the engine's schema, one line per problem, each naming
+    the field ([] when it matches)."""
+    validators = SCHEMAS[engine]
+    if route not in validators:
+        return [f"{route}: not an endpoint of {engine}"]
+    key = (engine, route, _shape(body))
+    problems = _CHECKED.get(key)
+    if problems is None:
+        problems = []
+        for error in sorted(validators[route].iter_errors(body), key=lambda e: list(map(str, e.absolute_path))):
+            best = jsonschema.exceptions.best_match([error])  # the deepest reason of an anyOf / oneOf
+            problems.append(_describe(best))
+        if len(_CHECKED) > 100_000:
+            _CHECKED.clear()
+        _CHECKED[key] = problems
+    return list(problems)
+
+
+def _shape(body) -> str:
+    """The body as the schemas see it: the text of prompts and of chat messages is never
+    constrained (only that it is text, and a message's role), so it is left out."""
+    if not isinstance(body, dict):
+        return json.dumps(body)
+    shaped = dict(body)
+    prompt = body.get("prompt", body.get("sentences", body.get("prompts")))
+    for field in ("prompt", "sentences", "prompts"):
+        if field in body:
+            shaped[field] = _text_shape(prompt)
+    if isinstance(body.get("messages"), list):
+        shaped["messages"] = [
+            {k: (_text_shape(v) if k == "content" else v) for k, v in m.items()} if isinstance(m, dict) else m
+            for m in body["messages"]
+        ]
+    return json.dumps(shaped, sort_keys=True)
+
+
+def _text_shape(value):
+    if isinstance(value, str):
+        return ""
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return [""] * len(value)
+    return value
+
+
+def _describe(error: jsonschema.ValidationError) -> str:
+    where = "body" + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error.absolute_path)
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        unknown = sorted(set(error.instance) - set(error.schema.get("properties", {})))
+        return f"{where}: unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}"
+    if error.validator in ("maxItems", "maxLength"):  # (not "is too long": a client reads that as the context length)
+        return f"{where}: at most {error.validator_value} allowed, got {len(error.instance)}"
+    message = error.message
+    return f"{where}: {message if len(message) <= 300 else message[:300] + '...'}"
+
+
+def prompt_keys(path: str, body: dict) -> list[str]:
+    """The prompt keys of a request body, as the stub counts and answers them: each completions
+    prompt, a chat's last message, NeMo's and Megatron-LM's first prompt."""
+    if path.endswith("/chat/completions"):
+        return [body["messages"][-1]["content"]]
+    if path.endswith("/completions"):
+        prompt = body["prompt"]
+        return list(prompt) if isinstance(prompt, list) else [prompt]
+    if path.endswith("/generate"):
+        return [body["sentences"][0]]
+    return [body["prompts"][0]]  # /api
+
+
+def eventually(predicate, timeout_s: float = 60.0, what: str = "the condition", interval_s: float = 0.005):
+    """Wait until predicate() is true, polling (for a state of the stub a test needs before it goes
+    on); AssertionError naming `what` after timeout_s, a deadline far beyond any normal run."""
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what}")
+        time.sleep(interval_s)
 
 
 class StubServer:
@@ -54,7 +186,7 @@ class StubServer:
         self.models_status = 200
         self.token_ids = True  # answer return_token_ids
         self.replies: dict[str, object] = {}
-        self.rng = random.Random(0)
+        self.seed = 0  # of the faults "mix" draws
         self.requests: collections.Counter = collections.Counter()
         self.answered: collections.Counter = collections.Counter()
         self.batch_sizes: list[int] = []
@@ -64,6 +196,14 @@ class StubServer:
         self.in_flight = 0
         self.max_in_flight = 0
         self.connections = 0
+        self.hold_all = False  # hold every request until release()
+        self.held: set[str] = set()  # hold the requests of these prompt keys until release()
+        self.released = threading.Event()
+        self.holding = 0  # requests held now
+        self._gate = asyncio.Event()  # set (in the server's loop) by release()
+        self.strict: str | None = None  # None, an engine with a schema file, or "auto" (per request)
+        self.schema_errors: list[str] = []
+        self.validated: collections.Counter = collections.Counter()  # request bodies checked, per engine
         self._loop = None
         self._runner = None
         self._thread = None
@@ -113,12 +253,29 @@ class StubServer:
             self._thread.join(10)
 
     def reset(self) -> None:
+        """Counters and records cleared, and whatever is held let go (schema_errors stay: the
+        fixture checks them after the test)."""
         self.requests.clear()
         self.answered.clear()
         self.batch_sizes.clear()
         self.bodies.clear()
         self.headers.clear()
         self.max_in_flight = 0
+        self.validated.clear()
+        self.hold_all = False
+        self.held.clear()
+        old, self._gate = self._gate, asyncio.Event()
+        self.released.clear()
+        self._set_gate(old)  # the requests held until now are answered
+
+    def release(self) -> None:
+        """Answer the held requests, and hold none from now until reset()."""
+        self.released.set()
+        self._set_gate(self._gate)
+
+    def _set_gate(self, gate: asyncio.Event) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(gate.set)
 
     # -- behaviour --
 
@@ -135,26 +292,70 @@ class StubServer:
             return "401"
         if self.fail_first and self.requests[key] > self.fail_first:
             return None
-        if self.mode == "mix":
-            return self.rng.choice(FAULTS) if self.rng.random() < self.fault_rate else None
+        if self.mode == "mix":  # drawn per prompt and request number: the same whatever the arrival order
+            rng = random.Random(f"{self.seed}:{key}:{self.requests[key]}")
+            return rng.choice(FAULTS) if rng.random() < self.fault_rate else None
         return self.mode
 
-    async def _receive(self, request: web.Request, keys_of) -> tuple[dict, list[str], str | None]:
-        """The body, its prompts' keys, and the fault for this request (the first prompt's)."""
+    async def _receive(self, request: web.Request) -> tuple[dict, list[str], str | None, web.Response | None]:
+        """The body, its prompts' keys, the fault for this request (the first prompt's), and in
+        strict mode the 400 for a body that does not match the engine's schema (else None)."""
         body = await request.json()
-        keys = keys_of(body)
+        rejection = self._check_schema(request, body)
+        try:
+            keys = prompt_keys(request.path, body)
+        except (KeyError, IndexError, TypeError):
+            if rejection is None:
+                raise
+            keys = []
         for key in keys:
             self.requests[key] += 1
         self.batch_sizes.append(len(keys))
         if self.keep_bodies:
             self.bodies.append(body)
             self.headers.append(dict(request.headers))
-        return body, keys, self._fault(keys[0])
+        return body, keys, None if rejection is not None else self._fault(keys[0]), rejection
+
+    def _check_schema(self, request: web.Request, body) -> web.Response | None:
+        if self.strict is None:
+            return None
+        engine = request.headers.get(SERVER_TYPE_HEADER) if self.strict == "auto" else self.strict
+        route = f"{request.method} {request.path}"
+        if engine is None:
+            problems = [f"strict stub: the request does not say its server type ({SERVER_TYPE_HEADER} header)"]
+            engine = "vllm"  # for the shape of the answer
+        elif engine not in SCHEMAS:
+            if self.strict == "auto":
+                return None  # (hf): no schema to check it against
+            raise ValueError(f"no schema for engine {engine!r} in {SCHEMA_DIR}")
+        else:
+            problems = schema_problems(engine, route, body)
+            self.validated[engine] += 1
+        if not problems:
+            return None
+        message = f"the request does not match {engine}'s schema: " + "; ".join(problems)
+        self.schema_errors.append(f"{route} ({engine}): " + "; ".join(problems))
+        if engine == "openai":  # the hosted API: "Unrecognized request argument supplied: X"
+            payload = {"error": {"message": message, "type": "invalid_request_error", "param": None, "code": None}}
+        elif engine == "vllm":
+            payload = {"error": {"message": message, "type": "BadRequestError", "param": None, "code": 400}}
+        elif engine in ("sglang", "trtllm"):
+            payload = {"object": "error", "message": message, "type": "BadRequestError", "param": None, "code": 400}
+        else:  # NeMo's and Megatron-LM's Flask servers answer a message string
+            payload = message
+        return web.json_response(payload, status=400)
 
     async def _answer(self, request: web.Request, keys: list[str], fault: str | None, payload) -> web.StreamResponse:
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
+            gate = self._gate  # (before the check: a reset or release after it sets this gate)
+            if (self.hold_all or any(key in self.held for key in keys)) and not self.released.is_set():
+                self.holding += 1
+                try:
+                    await gate.wait()
+                finally:
+                    self.holding -= 1
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
             if fault == "500":
@@ -175,8 +376,10 @@ class StubServer:
                 if request.transport is not None:
                     request.transport.abort()
                 raise asyncio.CancelledError
-            if fault == "stall":  # never answers; gives up after stall_s
-                await asyncio.sleep(self.stall_s)
+            if fault == "stall":  # never answers; gives up when the client does, or after stall_s
+                deadline = time.monotonic() + self.stall_s
+                while time.monotonic() < deadline and request.transport is not None and not request.transport.is_closing():
+                    await asyncio.sleep(min(0.05, max(deadline - time.monotonic(), 0)))
                 if request.transport is not None:
                     request.transport.abort()
                 raise asyncio.CancelledError
@@ -213,13 +416,9 @@ class StubServer:
     async def _openai(self, request: web.Request) -> web.StreamResponse:
         chat = request.path.endswith("chat/completions")
 
-        def keys_of(body):
-            if chat:
-                return [body["messages"][-1]["content"]]
-            prompt = body["prompt"]
-            return list(prompt) if isinstance(prompt, list) else [prompt]
-
-        body, keys, fault = await self._receive(request, keys_of)
+        body, keys, fault, rejection = await self._receive(request)
+        if rejection is not None:
+            return rejection
         if any("BAD_REQUEST" in key for key in keys):  # FastAPI's shape for a validation error
             return web.json_response({"detail": [{"loc": ["body", "x"], "msg": "field required"}]}, status=422)
         if any("TOO_LONG" in key for key in keys):
@@ -285,7 +484,10 @@ class StubServer:
         return response
 
     async def _nemo(self, request: web.Request) -> web.StreamResponse:
-        body, [key], fault = await self._receive(request, lambda b: [b["sentences"][0]])
+        body, keys, fault, rejection = await self._receive(request)
+        if rejection is not None:
+            return rejection
+        [key] = keys
         prompt = body["sentences"][0]
         text = self.reply_for(key, self.requests[key] - 1)
         end_strings = body.get("end_strings") or ["<|endoftext|>"]
@@ -302,10 +504,16 @@ class StubServer:
         return await self._answer(request, [key], fault, payload)
 
     async def _megatron(self, request: web.Request) -> web.StreamResponse:
-        body, [key], fault = await self._receive(request, lambda b: [b["prompts"][0]])
+        body, keys, fault, rejection = await self._receive(request)
+        if rejection is not None:
+            return rejection
+        [key] = keys
         prompt = body["prompts"][0]
+        # the server's checks in its order, answered as it does (HTTP 200, a message string)
         if not isinstance(body.get("top_p", 0.0), float):
             return web.json_response("top_p must be a positive float less than or equal to 1.0")
+        if body.get("top_p", 0.0) > 0.0 and body.get("top_k", 0) > 0:
+            return web.json_response("cannot set both top-k and top-p samplings.")
         text = self.reply_for(key, self.requests[key] - 1)
         words = text.split(" ")[: body["tokens_to_generate"]]
         text = " ".join(words)

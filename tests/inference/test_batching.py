@@ -7,8 +7,10 @@ never deadlocking with a batch being gathered."""
 
 import asyncio
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from stub_server import eventually
 
 from servegen.errors import ServegenError
 from servegen.inference import BatchingUnsupported, ContextLengthError, InvalidOutput, get_model
@@ -51,25 +53,49 @@ def test_defaults_and_the_server_types_that_batch():
 
 
 def test_by_default_1024_prompts_are_in_flight_in_requests_of_16_or_one_chat_each(stub):
-    """The default budget: 64 requests of 16 string prompts, 1024 chat requests; and a call that
-    fails midway (a bad item) gives its room back for the next call."""
+    """The default budget: 64 requests of 16 string prompts, up to 1024 chat requests (1009:
+    below); and a call that fails midway (a bad item) gives its room back for the next call.
+    The stub holds every request until the test has seen as many in flight as the budget
+    allows; then a short look that no more come (none can: the budget is spent until one is
+    answered, so a loaded machine cannot fail it) and it lets them go."""
     stub.keep_bodies = False
-    stub.delay_s = 0.3  # every request of a call overlaps the others
     chat = [[{"role": "user", "content": f"c{i}"}] for i in range(1100)]
-    with get_model("vllm", base_url=stub.base_url) as llm:
-        rows = llm.generate([f"p{i}" for i in range(1100)])
-        assert stub.max_in_flight == 64 and stub.batch_sizes[:64] == [16] * 64
+
+    with get_model("vllm", base_url=stub.base_url) as llm, ThreadPoolExecutor(1) as pool:
+
+        def held_at_most(call, prompts, n: int, at_least: int | None = None):
+            """Run the call with every request held: at least `at_least` (default n) of them
+            must be in flight at once and never more than n; its rows once they are let go."""
+            stub.reset()
+            stub.hold_all = True
+            rows = pool.submit(call, prompts)
+            try:
+                least = n if at_least is None else at_least
+                eventually(lambda: stub.holding >= least or rows.done(), 120, f"{least} requests held")
+                time.sleep(0.3)  # not a wait for anything: room for a request too many to arrive
+                assert least <= stub.holding == stub.max_in_flight <= n
+            finally:
+                stub.release()
+            return rows.result(timeout=120)
+
+        rows = held_at_most(llm.generate, [f"p{i}" for i in range(1100)], 64)
+        assert stub.batch_sizes[:64] == [16] * 64 and sorted(stub.batch_sizes[64:]) == [12] + [16] * 4
         assert [r["generation"] for r in rows] == [f"reply to p{i}" for i in range(1100)]
+        assert stub.max_in_flight == 64
+        # chats, each a request of its own: up to 1024 in flight, but a worker reserves room for
+        # a whole batch (16) before it takes the next item and finds a chat, so the last 15 of
+        # the 1024 cannot be reserved: at least 1009, as docs/clients.md says
+        rows = held_at_most(llm.generate, chat, 1024, at_least=1024 - 15)
+        assert [r["generation"] for r in rows] == [f"reply to c{i}" for i in range(1100)]
+
         stub.reset()
-        llm.generate(chat)
-        assert stub.max_in_flight > 900  # (the stub accepts 1024 new connections slowly)
-        stub.reset()
+        stub.hold_all = True  # the call fails with requests in flight: they are cancelled
         with pytest.raises(ServegenError, match='needs a "prompt" key'):
             list(llm.generate_iter([*(f"p{i}" for i in range(100)), {"no prompt": 1}, "more"]))
-        time.sleep(0.5)  # the stub's handlers of the cancelled requests end
-        stub.reset()
-        llm.generate([f"q{i}" for i in range(1100)])
-        assert stub.max_in_flight == 64
+        stub.release()
+        eventually(lambda: stub.in_flight == 0, 60, "the stub's handlers of the cancelled requests end")
+        # all its room came back: 64 requests of 16 again (with less, fewer: the wait would fail)
+        held_at_most(llm.generate, [f"q{i}" for i in range(1100)], 64)
 
 
 def test_prompts_share_a_request_and_come_back_in_order_with_their_own_token_counts(stub):

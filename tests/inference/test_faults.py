@@ -74,13 +74,18 @@ def test_retry_after_forms():
     assert 25 < _retry_after(future) <= 30
 
 
-def test_a_stall_beyond_the_timeout_is_cut_and_retried(stub):
+def test_a_stall_beyond_the_timeout_is_cut_and_retried(stub, client_timeouts):
+    # the stall never answers (it ends when the client gives up); the second request is answered
+    # in milliseconds, far within the 0.5 s, but on a loaded machine it too may run past it: then
+    # it is sent again, and only then (each extra request is a timeout the client saw)
     stub.mode, stub.fail_first, stub.stall_s = "stall", 1, 120
     with client(stub, timeout=0.5) as llm:
         start = time.monotonic()
         assert llm.generate(["a"])[0]["generation"] == "reply to a"
         assert time.monotonic() - start < 30
-    assert stub.requests["a"] == 2
+    assert client_timeouts["a"] >= 1  # the stall was cut by the timeout
+    assert stub.requests["a"] == 1 + client_timeouts["a"]
+    assert 1 <= stub.answered["a"] <= client_timeouts["a"]  # the stall is never answered
 
 
 def test_nothing_hangs_when_a_server_never_answers(stub):
@@ -149,12 +154,14 @@ def test_a_client_with_nothing_listening_at_its_address_says_so():
     assert "Connection refused" in e.value.cause
 
 
-def test_10000_prompts_through_random_faults_nothing_lost_or_duplicated(stub):
+def test_10000_prompts_through_random_faults_nothing_lost_or_duplicated(stub, client_timeouts):
     """Every prompt gets its own answer exactly once, in order, through a mix of 500s, 429s,
     dropped and truncated connections, stalls past the timeout and malformed bodies; and the
-    server answered each prompt exactly once (the timeout is far above the stub's latency, so
-    only the injected stalls time out, and those never answer)."""
-    stub.mode, stub.fault_rate, stub.stall_s = "mix", 0.3, 8.0
+    server answered each prompt exactly once, unless a request for it ran past the timeout:
+    the stalls always do (and never answer), and on a loaded machine an answer can come after
+    its request's 4 s too (about 0.5 s is the slowest here, idle; over 2 s seen with the two
+    cores busy), and then it is asked again, rightly: one answer more per timeout, no more."""
+    stub.mode, stub.fault_rate, stub.stall_s = "mix", 0.3, 60
     stub.keep_bodies = False
     n = 10_000
     prompts = [f"p{i}" for i in range(n)]
@@ -163,16 +170,22 @@ def test_10000_prompts_through_random_faults_nothing_lost_or_duplicated(stub):
         rows = llm.generate(prompts)
         elapsed = time.monotonic() - start
     assert [r["generation"] for r in rows] == [f"reply to {p}" for p in prompts]
-    assert stub.answered == {p: 1 for p in prompts}  # nothing lost, nothing answered twice
+    # nothing lost, nothing answered twice but after a timeout of a request for that prompt
+    lost = [p for p in prompts if stub.answered[p] == 0]
+    twice = {p: stub.answered[p] for p in prompts if stub.answered[p] > 1 + client_timeouts[p]}
+    assert (lost, twice) == ([], {}) and set(stub.answered) == set(prompts)
     assert sum(stub.requests.values()) > n * 1.2  # the faults did happen
-    assert elapsed < 180
+    assert sum(client_timeouts.values()) > 0  # the stalls among them were cut by the timeout
+    assert elapsed < 180  # about 9 s idle (two stalls in a row for some requests: 2 x 4 s)
 
 
-def test_every_request_ends_in_a_result_or_its_own_error(stub):
-    stub.mode, stub.fault_rate, stub.stall_s = "mix", 0.6, 6.0
+def test_every_request_ends_in_a_result_or_its_own_error(stub, client_timeouts):
+    stub.mode, stub.fault_rate, stub.stall_s = "mix", 0.6, 60
     stub.keep_bodies = False
     n = 2000
-    # the timeout is far above the stub's latency: only the injected stalls time out
+    # the injected stalls time out, and on a loaded machine a slow answer can too (about 0.2 s
+    # is the slowest here idle, over 1 s seen with the two cores busy): the stub may have
+    # answered such a request after the client gave up, one answer per timeout at most
     with client(stub, max_retries=1, timeout=2, soft_fail=True, max_concurrent_requests=256) as llm:
         start = time.monotonic()
         rows = llm.generate([f"p{i}" for i in range(n)])
@@ -180,13 +193,14 @@ def test_every_request_ends_in_a_result_or_its_own_error(stub):
     errors = [r for r in rows if "error" in r]
     assert errors and len(errors) < n
     for i, row in enumerate(rows):
+        key = f"p{i}"
         if "error" in row:
             assert row["error"].startswith(f"prompt {i}: POST ") and "failed 2 times" in row["error"]
-            assert stub.answered[f"p{i}"] == 0
+            assert stub.answered[key] <= client_timeouts[key], key  # 0 unless answered too late
         else:
             assert row["generation"] == f"reply to p{i}"
-            assert stub.answered[f"p{i}"] == 1
-    # each request: at most 2 attempts of at most 2 s (+ tiny backoff), 256 at a time
+            assert 1 <= stub.answered[key] <= 1 + client_timeouts[key], key
+    # each request: at most 2 attempts of at most 2 s (+ tiny backoff), 256 at a time (about 4 s)
     assert elapsed < 90
 
 

@@ -35,17 +35,26 @@ CASES = [
 ]
 
 
-def bodies(server_type: str, **kwargs) -> list[dict]:
+def built_requests(server_type: str, **kwargs):
+    """(llm, case, prompt, params, (method, path, body) or the ServegenError) for each case."""
     llm = get_model(server_type, base_url="http://127.0.0.1:1", model="the-model", **kwargs)
-    out = []
     for name, prompt, params in CASES:
         p = Plan(None, params).shared
         try:
             llm.check_prompt(prompt, p)
-            method, path, body = llm.build_request(prompt, p)
-            out.append({"case": name, "request": f"{method} {path}", "body": body})
+            yield llm, name, prompt, p, llm.build_request(prompt, p)
         except ServegenError as e:
-            out.append({"case": name, "error": str(e)})
+            yield llm, name, prompt, p, e
+
+
+def bodies(server_type: str, **kwargs) -> list[dict]:
+    out = []
+    for _, name, _, _, built in built_requests(server_type, **kwargs):
+        if isinstance(built, ServegenError):
+            out.append({"case": name, "error": str(built)})
+        else:
+            method, path, body = built
+            out.append({"case": name, "request": f"{method} {path}", "body": body})
     return out
 
 

@@ -6,8 +6,10 @@ several (vLLM's default)."""
 import asyncio
 import itertools
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+from stub_server import eventually
 
 from servegen.errors import ServegenError
 from servegen.inference import ContextLengthError, get_model
@@ -17,14 +19,24 @@ N = 10_000
 
 @pytest.mark.parametrize("per_request", [1, 16])
 def test_10000_prompts_in_order_with_bounded_concurrency(stub, per_request):
+    """The stub holds the first requests until 200 are in flight (no more can be: a short look
+    that none comes), then answers them all at once; the rest go as fast as they can."""
     stub.keep_bodies = False
-    stub.delay_s = 0.002  # so that requests overlap
+    stub.hold_all = True
     prompts = [f"p{i}" for i in range(N)]
-    with get_model("vllm", base_url=stub.base_url, max_concurrent_requests=200, prompts_per_request=per_request) as llm:
-        rows = llm.generate(prompts, tokens_to_generate=8)
+    with get_model("vllm", base_url=stub.base_url, max_concurrent_requests=200, prompts_per_request=per_request) as llm, \
+            ThreadPoolExecutor(1) as pool:
+        call = pool.submit(llm.generate, prompts, tokens_to_generate=8)
+        try:
+            eventually(lambda: stub.holding >= 200 or call.done(), 120, "200 requests held")
+            time.sleep(0.3)  # not a wait for anything: room for a request too many to arrive
+            assert stub.holding == stub.max_in_flight == 200
+        finally:
+            stub.release()
+        rows = call.result(timeout=120)
     assert [r["generation"] for r in rows] == [f"reply to p{i}" for i in range(N)]
     assert [r["num_generated_tokens"] for r in rows] == [3] * N
-    assert 150 <= stub.max_in_flight <= 200
+    assert stub.max_in_flight == 200
     assert stub.answered == {p: 1 for p in prompts}
     assert stub.batch_sizes == [per_request] * (N // per_request)
 
@@ -95,13 +107,34 @@ def test_generate_iter_sync_from_an_async_source_and_early_stop(stub, per_reques
         for index, _ in llm.generate_iter(f"q{i}" for i in itertools.count()):
             if index == 500:
                 break
-        time.sleep(0.2)
-        sent = sum(stub.requests.values())
-        time.sleep(0.3)
-        # stopped with the consumer: besides the 501 consumed, at most the results the sync
-        # iterator took from the queue at once, the queue, the workers' batches, one batch being
-        # gathered and one item that did not fit it
-        assert sum(stub.requests.values()) == sent <= 501 + (3 * 100 + 1) * per_request + 1
+        # stopped with the consumer: closing the iterator cancelled the job, so nothing of it
+        # runs on the client's loop any more (no worker to send another request) ...
+        assert llm._run(_other_tasks()) == []
+        # ... and once the stub has handled what was sent (nothing in flight, the count still),
+        # besides the 501 consumed, at most the results the sync iterator took from the queue
+        # at once, the queue, the workers' batches, one batch being gathered and one item that
+        # did not fit it
+        eventually(_settled(stub), 60, "the stub has handled every request sent")
+        assert sum(stub.requests.values()) <= 501 + (3 * 100 + 1) * per_request + 1
+
+
+async def _other_tasks() -> list:
+    return [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+
+def _settled(stub):
+    """True once nothing is in flight at the stub and its request count has not moved since the
+    last call (polled at 0.1 s)."""
+    last = [-1]
+
+    def settled() -> bool:
+        time.sleep(0.1)
+        count = sum(stub.requests.values())
+        still = count == last[0] and stub.in_flight == 0
+        last[0] = count
+        return still
+
+    return settled
 
 
 def test_iterator_errors(stub):

@@ -117,6 +117,24 @@ def test_logprobs(llm):
     assert "".join(chat["tokens"]).startswith("2 + 2 = 4.")
 
 
+def test_greedy_logprobs_pick_the_top_alternative_and_join_to_the_generation(llm):
+    """temperature 0: each chosen token is the most likely one, so its logprob is the highest among
+    its top-k alternatives; the tokens joined are the generation (plus the stop token <|eot_id|>,
+    which the server lists last when it ends the generation)."""
+    prompts = [raw(2, 2), raw(41, 37), raw(7, 95), CHAT]
+    rows = llm.generate(prompts, temperature=0.0, top_logprobs=3, tokens_to_generate=[20, 20, 5, 20])
+    assert [r["finish_reason"] for r in rows] == ["stop", "stop", "length", "stop"]
+    for row in rows:
+        assert len(row["tokens"]) == len(row["logprobs"]) == len(row["top_logprobs"]) == row["num_generated_tokens"]
+        for token, logprob, top in zip(row["tokens"], row["logprobs"], row["top_logprobs"]):
+            assert 1 <= len(top) <= 4  # k, and the chosen token if it were not among them
+            assert logprob == pytest.approx(max(top.values()), abs=1e-4), (row["generation"], token, top)
+        tokens = row["tokens"][:-1] if row["finish_reason"] == "stop" else row["tokens"]
+        assert row["finish_reason"] == "length" or row["tokens"][-1] == "<|eot_id|>"
+        assert "".join(tokens) == row["generation"]
+    assert [r["generation"] for r in rows] == ["2 + 2 = 4.", "41 + 37 = 78.", "7 + 95", "2 + 2 = 4."]
+
+
 def test_context_length_overflow_is_a_clear_error(llm):
     too_long = RAW + "1 + 1 " * 400
     with pytest.raises(ContextLengthError, match=r"prompt 0: vllm server rejected the request: HTTP 400"):
