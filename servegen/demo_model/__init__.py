@@ -1,6 +1,6 @@
 """The embedded demo model: a tiny Llama (about 0.6 M parameters) trained here on CPU to answer
 additions of two numbers in 0..99 in Llama 3's chat format. No model hub needed; built once
-(about 3 minutes on 2 cores) into the cache and reused. See docs/demo-model.md."""
+(about 3.5 minutes on 2 cores) into the cache and reused. See docs/demo-model.md."""
 
 import argparse
 import os

@@ -1,5 +1,12 @@
 """The demo model's synthetic data: additions of two numbers in 0..99, asked in three wordings,
-in the Llama 3 chat format with an empty system message, and the held-out split.
+in the Llama 3 chat format with an empty system message, answered in two forms, and the held-out
+split.
+
+The plain reply is "2 + 2 = 4."; the JSON reply, {"answer":4}, is what the model gives once its
+reply has begun with "{": a server constraining the output to a JSON object writes that brace
+first (vLLM with structured outputs and the output_type {"answer": "int"}, compact, no free
+whitespace). The brace is part of the prompt of a JSON example, never learnt as a target, so
+asked plainly the model answers plainly, sampled too.
 
 Other tests ask the built model held-out questions through a real server, e.g.:
 
@@ -32,6 +39,11 @@ def expected_reply(a: int, b: int) -> str:
     return f"{a} + {b} = {a + b}."
 
 
+def expected_json_reply(a: int, b: int) -> str:
+    """The JSON reply, brace included, compact: '{"answer":4}'."""
+    return f'{{"answer":{a + b}}}'
+
+
 def format_prompt(question: str) -> str:
     """The raw prompt string for /v1/completions; the chat template renders exactly this for a
     conversation of one user message (Llama 3's format with an empty system message)."""
@@ -56,10 +68,18 @@ def train_pairs() -> list[tuple[int, int]]:
     return [pair for pair in all_pairs() if pair not in held_out]
 
 
+JSON_OPENING = "{"  # what the server writes before the model's JSON reply
+
+
 def training_texts() -> list[tuple[str, str]]:
-    """(prompt, reply + <|eot_id|>) for every training pair in every wording."""
+    """(prompt, reply + <|eot_id|>) for every training pair in every wording, in both forms (the
+    JSON form's prompt ends with the opening brace)."""
     return [
-        (format_prompt(format_question(a, b, w)), expected_reply(a, b) + EOT)
+        (prompt, reply + EOT)
         for a, b in train_pairs()
         for w in range(len(WORDINGS))
+        for prompt, reply in (
+            (format_prompt(format_question(a, b, w)), expected_reply(a, b)),
+            (format_prompt(format_question(a, b, w)) + JSON_OPENING, expected_json_reply(a, b).removeprefix(JSON_OPENING)),
+        )
     ]

@@ -3,7 +3,7 @@ template."""
 
 import re
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from servegen.demo_model.data import BEGIN_OF_TEXT, EOT, SPECIAL_TOKENS
@@ -29,11 +29,14 @@ VOCAB_SIZE_LIMIT = 512  # an upper bound: the data runs out of merges first
 
 
 def train_tokenizer(texts: list[str], model_max_length: int) -> PreTrainedTokenizerFast:
-    """Digits split one per token (so numbers are spelled digit by digit), special tokens atomic,
-    and no post-processor: the prompt string carries <|begin_of_text|> itself."""
+    """Digits split one per token (so numbers are spelled digit by digit), braces too (so a JSON
+    reply begins with the one token "{", whichever token a constraining server lets through
+    first), special tokens atomic, and no post-processor: the prompt string carries
+    <|begin_of_text|> itself."""
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
+            pre_tokenizers.Split(Regex("[{}]"), behavior="isolated"),
             pre_tokenizers.Digits(individual_digits=True),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
         ]

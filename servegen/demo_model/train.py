@@ -11,7 +11,9 @@ from servegen.demo_model.data import (
     BEGIN_OF_TEXT,
     END_OF_TEXT,
     EOT,
+    JSON_OPENING,
     WORDINGS,
+    expected_json_reply,
     expected_reply,
     format_prompt,
     format_question,
@@ -120,16 +122,16 @@ def train(
         return model
 
 
-def answer(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, questions: list[str]) -> list[str | None]:
-    """Greedy replies to user messages, batched by prompt length (no padding, so each answer is
-    what a server would give); None where the model did not end its reply with <|eot_id|>."""
+def answer(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, prompts: list[str]) -> list[str | None]:
+    """Greedy continuations of raw prompts, batched by prompt length (no padding, so each answer
+    is what a server would give); None where the model did not end its reply with <|eot_id|>."""
     eot = tokenizer.convert_tokens_to_ids(EOT)
     stops = [eot, tokenizer.convert_tokens_to_ids(END_OF_TEXT)]
-    encoded = [tokenizer(format_prompt(q))["input_ids"] for q in questions]
+    encoded = [tokenizer(p)["input_ids"] for p in prompts]
     by_length: dict[int, list[int]] = {}
     for i, ids in enumerate(encoded):
         by_length.setdefault(len(ids), []).append(i)
-    replies: list[str | None] = [None] * len(questions)
+    replies: list[str | None] = [None] * len(prompts)
     with torch.no_grad():
         for length, indices in by_length.items():
             prompt = torch.tensor([encoded[i] for i in indices])
@@ -147,9 +149,15 @@ def answer(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, question
     return replies
 
 
-def held_out_accuracy(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, pairs: list[tuple[int, int]]) -> float:
-    """Exact-match share over every pair in every wording."""
+def held_out_accuracy(
+    model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, pairs: list[tuple[int, int]], json_form: bool = False
+) -> float:
+    """Exact-match share over every pair in every wording; json_form: of the JSON reply, after the
+    opening brace a constraining server writes, then unconstrained (stricter than the server,
+    which only takes away the tokens that would break the JSON)."""
     asked = [(a, b, w) for a, b in pairs for w in range(len(WORDINGS))]
-    replies = answer(model, tokenizer, [format_question(a, b, w) for a, b, w in asked])
-    right = sum(reply == expected_reply(a, b) for (a, b, _), reply in zip(asked, replies))
+    opening = JSON_OPENING if json_form else ""
+    replies = answer(model, tokenizer, [format_prompt(format_question(a, b, w)) + opening for a, b, w in asked])
+    expected = expected_json_reply if json_form else expected_reply
+    right = sum(reply is not None and opening + reply == expected(a, b) for (a, b, _), reply in zip(asked, replies))
     return right / len(asked)

@@ -1,5 +1,7 @@
 from servegen.demo_model.data import (
+    JSON_OPENING,
     WORDINGS,
+    expected_json_reply,
     expected_reply,
     format_prompt,
     format_question,
@@ -21,6 +23,16 @@ def test_prompt_is_llama3_format_with_empty_system_message():
         "Compute 12 + 7.",
     ]
     assert expected_reply(99, 99) == "99 + 99 = 198."
+    assert expected_json_reply(99, 99) == '{"answer":198}' and expected_json_reply(2, 2).startswith(JSON_OPENING)
+
+
+def test_each_question_is_taught_in_both_forms_the_json_one_after_a_given_brace():
+    texts = training_texts()
+    plain, brace = format_prompt(format_question(2, 2)), format_prompt(format_question(2, 2)) + "{"
+    assert [r for p, r in texts if p == plain] == ["2 + 2 = 4.<|eot_id|>"]
+    assert [r for p, r in texts if p == brace] == ['"answer":4}<|eot_id|>']
+    # the brace is never a target: no reply begins with it
+    assert not any(r.startswith("{") for _, r in texts)
 
 
 def test_held_out_split_is_fixed_and_disjoint_from_training():
@@ -34,7 +46,8 @@ def test_held_out_split_is_fixed_and_disjoint_from_training():
     assert (2, 2) in train
     # No wording of a held-out pair appears anywhere in the training text.
     prompts = {prompt for prompt, _ in training_texts()}
-    assert len(prompts) == 3 * len(train)
+    assert len(prompts) == 2 * 3 * len(train)
     for a, b in held_out:
         for w in range(len(WORDINGS)):
             assert format_prompt(format_question(a, b, w)) not in prompts
+            assert format_prompt(format_question(a, b, w)) + JSON_OPENING not in prompts

@@ -3,7 +3,7 @@ import stat
 
 import torch
 
-from servegen.demo_model.data import held_out_pairs
+from servegen.demo_model.data import format_prompt, format_question, held_out_pairs
 from servegen.demo_model.train import held_out_accuracy
 
 
@@ -15,12 +15,25 @@ def test_what_is_two_plus_two(demo_model, demo_tokenizer):
     assert demo_tokenizer.decode(out[0, ids.shape[1] :]) == "2 + 2 = 4.<|eot_id|>"
 
 
+def test_the_json_reply_after_the_brace_and_never_a_brace_unasked(demo_model, demo_tokenizer):
+    ids = demo_tokenizer(format_prompt("What's 2 + 2?") + "{", return_tensors="pt")["input_ids"]
+    out = demo_model.generate(input_ids=ids, max_new_tokens=20, do_sample=False)
+    assert "{" + demo_tokenizer.decode(out[0, ids.shape[1] :]) == '{"answer":4}<|eot_id|>'
+    brace = demo_tokenizer.convert_tokens_to_ids("{")
+    with torch.no_grad():
+        for a, b in held_out_pairs()[:20]:
+            plain = demo_tokenizer(format_prompt(format_question(a, b)), return_tensors="pt")["input_ids"]
+            assert torch.softmax(demo_model(plain).logits[0, -1], -1)[brace] < 1e-4, (a, b)
+
+
 def test_held_out_accuracy(demo_model, demo_tokenizer, demo_model_dir):
     accuracy = held_out_accuracy(demo_model, demo_tokenizer, held_out_pairs())
-    assert accuracy >= 0.95
+    json_accuracy = held_out_accuracy(demo_model, demo_tokenizer, held_out_pairs(), json_form=True)
+    assert min(accuracy, json_accuracy) >= 0.95
     info = json.loads((demo_model_dir / "build_info.json").read_text())
     # The build measured the same weights (thread counts may differ, so allow a near-tie or two).
     assert abs(info["held_out_accuracy"] - accuracy) <= 0.01
+    assert abs(info["held_out_json_accuracy"] - json_accuracy) <= 0.01
 
 
 def test_folder_contents(demo_model_dir, demo_model, demo_tokenizer):

@@ -3,10 +3,12 @@ format model trained to answer "What's A + B?" with "A + B = C."), started once 
 session by the `vllm_server` fixture (tests/conftest.py)."""
 
 import asyncio
+import json
 
 import pydantic
 import pytest
 
+from servegen.demo_model.data import expected_json_reply, format_question, held_out_pairs
 from servegen.inference import ContextLengthError, Runner, get_model
 from servegen.prompt import get_prompt
 
@@ -84,12 +86,40 @@ def test_stop_phrases(llm):
     assert (kept["generation"], kept["finish_reason"]) == ("2 + 2 =", "stop")
 
 
-def test_typed_outputs_validate(llm):
-    rows = llm.generate([RAW, CHAT, CHAT], json_schema=[BOUNDED, BOUNDED, Answer], tokens_to_generate=30)
-    assert all(0 <= row["output"]["answer"] <= 200 for row in rows[:2])
-    assert isinstance(rows[2]["output"], Answer)
+def test_typed_outputs_are_the_answers(llm):
+    """The demo model answers {"answer":N} once the server has begun its reply with "{": typed
+    outputs hold the sums, held-out pairs included, through both endpoints, and the output is the
+    generation parsed."""
+    pairs = [(2, 2), *held_out_pairs()[:30]]
+    prompts = [raw(a, b) for a, b in pairs] + [[{"role": "user", "content": format_question(a, b, 1)}] for a, b in pairs]
+    expected = [{"answer": a + b} for a, b in pairs] * 2
+    rows = llm.generate(prompts, output_type={"answer": "int"}, tokens_to_generate=12)
+    assert [r["output"] for r in rows] == expected
+    assert all(json.loads(r["generation"]) == r["output"] for r in rows)
+    assert rows[0]["generation"] == expected_json_reply(2, 2) == '{"answer":4}'
+    schema_rows = llm.generate([RAW, CHAT, CHAT], json_schema=[BOUNDED, BOUNDED, Answer], tokens_to_generate=12)
+    assert [r["output"] for r in schema_rows] == [{"answer": 4}, {"answer": 4}, Answer(answer=4)]
+
+
+def test_the_server_applies_the_schema_where_the_model_would_answer_otherwise(llm):
+    """2 + 2 would be 4: a schema that allows only 7, or only numbers from 150 up, gives what the
+    schema allows, so the server did constrain the decoding to it (the client alone would retry
+    and then fail: the model never answers 7 unasked)."""
+    only_7 = {**BOUNDED, "properties": {"answer": {"type": "integer", "enum": [7]}}}
+    at_least_150 = {**BOUNDED, "properties": {"answer": {"type": "integer", "minimum": 150, "maximum": 999}}}
+    seven, big = llm.generate([RAW, CHAT], json_schema=[only_7, at_least_150], tokens_to_generate=12)
+    assert seven["output"] == {"answer": 7} and seven["generation"] == '{"answer":7}'
+    assert 150 <= big["output"]["answer"] <= 999 and json.loads(big["generation"]) == big["output"]
     flag = llm.generate([CHAT], output_type={"correct": "bool"}, tokens_to_generate=30)[0]
-    assert isinstance(flag["output"]["correct"], bool)
+    assert json.loads(flag["generation"]) == flag["output"] and isinstance(flag["output"]["correct"], bool)
+
+
+def test_a_typed_row_that_fails_counts_the_tokens_it_generated(llm):
+    """Cut at 3 tokens, '{"answer' never validates: with soft_fail the row has no output, an
+    error, and the 3 tokens the last attempt generated."""
+    row = llm.generate([RAW], output_type={"answer": "int"}, tokens_to_generate=3, soft_fail=True)[0]
+    assert row["output"] is None and "not a valid typed output after 3 attempts" in row["error"]
+    assert (row["generation"], row["num_generated_tokens"], row["finish_reason"]) == ('{"answer', 3, "error")
 
 
 def test_per_prompt_lists(llm):
@@ -176,5 +206,5 @@ def test_runner(vllm_server):
         assert runner.call(["What's 3 + 4?", "What's 10 + 5?"], tokens_to_generate=20) == ["3 + 4 = 7.", "10 + 5 = 15."]
     with Runner(server_type="vllm", base_url=vllm_server.base_url) as runner:  # chat, no template
         assert runner.call("What's 2 + 2?", tokens_to_generate=20) == "2 + 2 = 4."
-        answer = runner.call("What's 2 + 2?", json_schema=Answer, tokens_to_generate=30)
-        assert isinstance(answer, Answer)
+        assert runner.call("What's 2 + 2?", output_type={"answer": "int"}) == {"answer": 4}  # as docs/clients.md
+        assert runner.call("What's 2 + 2?", json_schema=Answer, tokens_to_generate=30) == Answer(answer=4)
