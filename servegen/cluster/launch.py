@@ -68,6 +68,20 @@ def local_launch(spec: ServerSpec, command: ServerCommand, cluster: ClusterConfi
     return Launch(argv=[*argv, image, *inner], env=env)
 
 
+# On each node of a multi-node step: the head's address as an IPv4 address, and this node's own
+# address on the route to it (a UDP connect sends nothing; it only picks the route). python3 is
+# there wherever an engine is (in its container, or servegen's own venv on the PATH).
+_ADDRESSES_PY = (
+    "import socket, sys; head = socket.gethostbyname(sys.argv[1]); "
+    "s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.connect((head, 9)); print(head, s.getsockname()[0])"
+)
+NODE_ADDRESSES = (
+    f'read -r SERVEGEN_HEAD_IP SERVEGEN_NODE_IP < <(python3 -c {shlex.quote(_ADDRESSES_PY)} "$SERVEGEN_HEAD_HOST")\n'
+    'if [ -z "$SERVEGEN_NODE_IP" ]; then echo "servegen: cannot find the address of $SERVEGEN_HEAD_HOST from $(hostname)" >&2; exit 1; fi\n'
+    "export SERVEGEN_HEAD_IP SERVEGEN_NODE_IP\n"
+)
+
+
 def srun_launch(spec: ServerSpec, command: ServerCommand, cluster: ClusterConfig) -> Launch:
     """The srun step that starts the server on every node of the job's allocation."""
     env = server_env(command, cluster)
@@ -93,7 +107,10 @@ def srun_launch(spec: ServerSpec, command: ServerCommand, cluster: ClusterConfig
     # Each task learns its node rank from Slurm; the head's address comes from the job body.
     # Slurm sends submitit's USR2 to every step of the job, and USR2 kills by default: the
     # server ignores it (as do its children after exec) and the job body stops it in order.
-    script = 'trap "" USR2\nexport SERVEGEN_NODE_RANK="$SLURM_NODEID"\n' + command.script
+    script = 'trap "" USR2\nexport SERVEGEN_NODE_RANK="$SLURM_NODEID"\n'
+    if spec.nodes > 1:
+        script += NODE_ADDRESSES
+    script += command.script
     return Launch(argv=[*argv, "bash", "-c", script], env=env, our_python_first=image is None)
 
 

@@ -1,9 +1,11 @@
 """What every engine module turns a server request into: one shell command per task, its
 environment, how many tasks a node runs, and how to tell the server is ready.
 
-Multi-node commands read three variables the cluster layer sets on every task:
-SERVEGEN_NODE_RANK (0 on the head node), SERVEGEN_NUM_NODES and SERVEGEN_HEAD_HOST (the address
-of the head node). Engines that run one process per GPU (MPI, torch.distributed) say so with
+Multi-node commands read the variables the cluster layer sets on every task:
+SERVEGEN_NODE_RANK (0 on the head node), SERVEGEN_NUM_NODES, SERVEGEN_HEAD_HOST (the head node's
+address as the cluster names it, possibly a hostname), SERVEGEN_HEAD_IP (that address resolved
+to IPv4) and SERVEGEN_NODE_IP (this node's own IPv4 address on the route to the head: the one its
+peers reach it at; it differs per node, so it is found on each node, never configured). Engines that run one process per GPU (MPI, torch.distributed) say so with
 tasks_per_node; the cluster layer then starts that many tasks (mpirun locally, srun on Slurm).
 """
 
@@ -91,6 +93,20 @@ def with_defaults(args: tuple[str, ...], defaults: list[tuple[str, ...]]) -> lis
 def join(argv: list[str]) -> str:
     """A shell command line; $VARS that the cluster layer sets stay unquoted."""
     return " ".join(a if a.startswith("$SERVEGEN_") or a.startswith('"$SERVEGEN_') else shlex.quote(a) for a in argv)
+
+
+JOIN_RETRY_S = 5  # a node that joins another retries this often ...
+JOIN_TRIES = 60  # ... this many times: 300 s, as vLLM's multi-node example waits
+
+
+def retried(command: str, what: str) -> str:
+    """A shell loop that runs `command` until it succeeds, JOIN_TRIES times at most, then fails
+    the task with one line saying `what` did not happen."""
+    return (
+        f"for servegen_try in $(seq {JOIN_TRIES}); do {command} && break; "
+        f'if [ "$servegen_try" = {JOIN_TRIES} ]; then echo "servegen: {what} within {JOIN_TRIES * JOIN_RETRY_S} s" >&2; exit 1; fi; '
+        f"sleep {JOIN_RETRY_S}; done"
+    )
 
 
 def by_node_rank(head: str, worker: str) -> str:

@@ -34,7 +34,8 @@ def build_command(spec: ServerSpec) -> ServerCommand:
             [
                 ("--nnodes", str(spec.nodes)),
                 ("--node-rank", "$SERVEGEN_NODE_RANK"),
-                ("--dist-init-addr", f"$SERVEGEN_HEAD_HOST:{DIST_INIT_PORT}"),
+                # an IP, as SGLang's guide gives it (NodeAddr is often a hostname)
+                ("--dist-init-addr", f"$SERVEGEN_HEAD_IP:{DIST_INIT_PORT}"),
             ],
         )
     return ServerCommand(script=join(argv + list(spec.args)), health_path="/health_generate")

@@ -215,7 +215,7 @@ import http.server, json, os, sys, time
 from pathlib import Path
 out, port = Path(sys.argv[1]), int(sys.argv[2])
 keys = ("SLURMD_NODENAME", "SLURM_STEP_ID", "SERVEGEN_NODE_RANK", "SERVEGEN_HEAD_HOST", "SERVEGEN_NUM_NODES",
-        "CUDA_VISIBLE_DEVICES")
+        "SERVEGEN_HEAD_IP", "SERVEGEN_NODE_IP", "CUDA_VISIBLE_DEVICES")
 info = {k: os.environ.get(k) for k in keys} | {"pid": os.getpid()}
 (out / f"node-{info['SERVEGEN_NODE_RANK']}.json").write_text(json.dumps(info))
 if info["SERVEGEN_NODE_RANK"] != "0":
@@ -286,6 +286,8 @@ def test_a_two_node_server_starts_with_srun_beside_submitits_step_and_stops_on_b
         assert node["SERVEGEN_NODE_RANK"] == str(rank)
         assert node["SERVEGEN_NUM_NODES"] == "2"
         assert node["SERVEGEN_HEAD_HOST"] == "127.0.0.1"  # node1's NodeAddr
+        # found on the node itself: both nodes of the test cluster are this machine's loopback
+        assert (node["SERVEGEN_HEAD_IP"], node["SERVEGEN_NODE_IP"]) == ("127.0.0.1", "127.0.0.1")
         assert len(node["CUDA_VISIBLE_DEVICES"].split(",")) == 2  # the step sees the job's GPUs
     assert seen["health"]["pid"] == nodes[0]["pid"]  # the head serves the probe
 

@@ -16,7 +16,7 @@ from servegen.server.command import ServerSpec
 
 MODEL = "/models/llama"  # no such folder here, so nothing depends on this machine
 SHAPES = [(1, 1), (1, 8), (2, 1), (2, 8), (1, 0)]  # (nodes, GPUs per node); 0 GPUs = CPU
-ENGINE_EXECUTABLES = ("python3", "ray", "transformers", "trtllm-serve", "trtllm-llmapi-launch", "torchrun")
+ENGINE_EXECUTABLES = ("python3", "ray", "vllm", "transformers", "trtllm-serve", "trtllm-llmapi-launch", "torchrun")
 ODD_MODEL = """/models/my "odd" model's dir $HOME;`x`"""
 ODD_ARG = "a b'c \"d\" $HOME"
 
@@ -109,6 +109,8 @@ def run_script(tmp_path):
             "SERVEGEN_NODE_RANK": str(rank),
             "SERVEGEN_NUM_NODES": str(s.nodes),
             "SERVEGEN_HEAD_HOST": "head-node",
+            "SERVEGEN_HEAD_IP": "10.0.0.1",
+            "SERVEGEN_NODE_IP": f"10.0.0.{rank + 1}",
             **extra_env,
         }
         result = subprocess.run(["bash", "-c", command.script], env=env, capture_output=True, text=True, timeout=30)
@@ -148,7 +150,7 @@ def test_sglang_nodes_join_the_head(run_script):
         argv = engine_call(run_script(spec("sglang", 2, 8), rank))
         assert argv[:3] == ["python3", "-m", "sglang.launch_server"]
         assert argv[argv.index("--node-rank") + 1] == str(rank)
-        assert argv[argv.index("--dist-init-addr") + 1] == "head-node:20000"
+        assert argv[argv.index("--dist-init-addr") + 1] == "10.0.0.1:20000"
         assert argv[argv.index("--nnodes") + 1] == "2"
         assert argv[argv.index("--tp-size") + 1] == "16"
 
@@ -169,10 +171,52 @@ def test_nemo_finds_its_script(run_script):
 
 def test_vllm_head_and_worker(run_script):
     head = run_script(spec("vllm", 2, 8), 0)
-    assert head[0][:3] == ["ray", "start", "--head"]
-    assert engine_call(head)[:3] == ["python3", "-m", "vllm.entrypoints.openai.api_server"]
+    assert head[0] == ["ray", "start", "--head", "--port=6379", "--node-ip-address=10.0.0.1", "--num-gpus=8",
+                       "--disable-usage-stats"]
+    assert engine_call(head)[:3] == ["vllm", "serve", MODEL]
     worker = run_script(spec("vllm", 2, 8), 1)
-    assert worker == [["ray", "start", "--address=head-node:6379", "--num-gpus=8", "--disable-usage-stats", "--block"]]
+    assert worker == [["ray", "start", "--address=10.0.0.1:6379", "--node-ip-address=10.0.0.2", "--num-gpus=8",
+                       "--disable-usage-stats", "--block"]]
+    assert build_server_command(spec("vllm", 1, 0)).script.startswith("python3 -m vllm.entrypoints.openai.api_server ")
+
+
+FAILING_STUB = """#!/bin/bash
+{ printf '%s' "${0##*/}"; for a in "$@"; do printf '\\x1f%s' "$a"; done; printf '\\n'; } >> "$STUB_LOG"
+n=$(grep -c "^${0##*/}" "$STUB_LOG")
+[ "$n" -gt "$FAIL_FIRST" ]
+"""
+
+
+@pytest.mark.parametrize("rank, fail_first, joined", [(1, 3, True), (1, 99, False), (0, 4, True), (0, 99, False)])
+def test_vllm_nodes_retry_joining_for_300_s_then_fail_in_one_line(run_script, tmp_path, rank, fail_first, joined):
+    """A worker whose `ray start` fails while the head's Ray is not up yet retries every 5 s; the
+    head's check that every node joined likewise; both give up after 60 tries (300 s) with one
+    line. (`sleep` is a stub here: no test waits 5 s.)"""
+    failing = "ray" if rank else "python3"
+    bin_dir = tmp_path / "bin"
+    for name in (failing, "sleep"):
+        (bin_dir / name).write_text(FAILING_STUB if name == failing else STUB)
+        (bin_dir / name).chmod(0o755)
+    if not joined:
+        with pytest.raises(AssertionError, match="within 300 s"):
+            run_script(spec("vllm", 2, 8), rank, FAIL_FIRST=str(fail_first))
+        return
+    calls = run_script(spec("vllm", 2, 8), rank, FAIL_FIRST=str(fail_first))
+    assert [c[0] for c in calls].count(failing) == fail_first + 1
+    assert [c for c in calls if c[0] == "sleep"] == [["sleep", "5"]] * fail_first
+    if rank == 0:
+        assert engine_call(calls)[:2] == ["vllm", "serve"]
+
+
+def test_vllm_ray_free_multi_node_mode(run_script):
+    s = spec("vllm", 2, 8, args=("--distributed-executor-backend", "mp"))
+    for rank in (0, 1):
+        (argv,) = run_script(s, rank)
+        assert argv[:3] == ["vllm", "serve", MODEL]
+        assert argv[argv.index("--nnodes") + 1] == "2" and argv[argv.index("--node-rank") + 1] == str(rank)
+        assert argv[argv.index("--master-addr") + 1] == "10.0.0.1"
+        assert ("--headless" in argv) == (rank == 1)
+    assert "ray" not in build_server_command(s).script
 
 
 def test_trtllm_multi_gpu_runs_under_its_mpi_launcher(run_script):
@@ -196,7 +240,7 @@ def words(s: ServerSpec) -> list[str]:
         (spec("vllm", 1, 0, args=("--dtype=bfloat16",)), ["--dtype=bfloat16"], ["float32"]),
         (spec("sglang", 1, 8, args=("--tp", "4")), ["--pp-size", "2"], ["--tp-size"]),
         (spec("sglang", 2, 8, args=("--dist-init-addr", "10.0.0.1:30000")), ["10.0.0.1:30000"],
-         ["$SERVEGEN_HEAD_HOST:20000"]),
+         ["$SERVEGEN_HEAD_IP:20000"]),
         (spec("trtllm", 2, 8, args=("--pp_size", "2")), ["--tp_size", "8"], ["16"]),
         (spec("trtllm", 1, 1, args=("--backend", "tensorrt")), ["tensorrt"], ["pytorch"]),
         (spec("nemo", 1, 8, args=("tensor_model_parallel_size=4",)), ["pipeline_model_parallel_size=2"],
@@ -300,3 +344,61 @@ def test_server_args_that_cannot_be_split_are_one_clear_error():
 
     with pytest.raises(ServegenError, match=r"--server_args cannot be parsed \(No closing quotation\)"):
         split_args("--name 'unclosed")
+
+
+# --- vLLM's own argument parser (vLLM 0.32, installed here): a misspelt or removed flag fails ---
+
+
+@pytest.fixture(scope="module")
+def vllm_parsers():
+    """(parser of `vllm serve`, parser of the CPU build's api_server module), as vLLM builds them."""
+    from vllm.entrypoints.cli.serve import ServeSubcommand
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    serve = FlexibleArgumentParser(prog="vllm")
+    ServeSubcommand().subparser_init(serve.add_subparsers(dest="subparser"))
+    return serve, make_arg_parser(FlexibleArgumentParser(prog="api_server"))
+
+
+def vllm_parse(parsers, argv: list[str]):
+    serve, module = parsers
+    if argv[:2] == ["vllm", "serve"]:
+        return serve.parse_args(argv[1:])
+    assert argv[:3] == ["python3", "-m", "vllm.entrypoints.openai.api_server"], argv
+    return module.parse_args(argv[3:])
+
+
+USER_ARGS = ("--max-model-len", "4096", "--enable-prefix-caching", "--served-model-name", "llama")
+
+
+@pytest.mark.parametrize("with_args", [False, True], ids=["defaults", "server_args"])
+@pytest.mark.parametrize(
+    "nodes, gpus, backend", [(1, 1, None), (1, 8, None), (2, 1, None), (2, 8, None), (2, 8, "mp"), (1, 0, None)]
+)
+def test_every_vllm_command_parses_with_vllms_own_parser(vllm_parsers, run_script, nodes, gpus, backend, with_args):
+    args = (*(("--distributed-executor-backend", backend) if backend else ()), *(USER_ARGS if with_args else ()))
+    s = spec("vllm", nodes, gpus, args=args)
+    ranks = range(nodes) if backend == "mp" else [0]  # Ray workers run no vLLM
+    for rank in ranks:
+        parsed = vllm_parse(vllm_parsers, engine_call(run_script(s, rank)))
+        model = parsed.model_tag if gpus else parsed.model
+        assert (model, parsed.host, parsed.port) == (MODEL, "127.0.0.1", 5000)
+        if gpus:
+            assert (parsed.tensor_parallel_size, parsed.pipeline_parallel_size) == (gpus, nodes)
+        if nodes > 1:
+            assert parsed.distributed_executor_backend == (backend or "ray")
+        if backend == "mp":
+            assert (parsed.nnodes, parsed.node_rank, parsed.master_addr, parsed.headless) == (2, rank, "10.0.0.1", rank > 0)
+        if gpus == 0:
+            assert (parsed.dtype, parsed.enforce_eager, parsed.enable_chunked_prefill) == ("float32", True, False)
+            assert parsed.structured_outputs_config.disable_any_whitespace is True
+        if with_args:
+            assert (parsed.max_model_len, parsed.enable_prefix_caching, parsed.served_model_name) == (4096, True, ["llama"])
+
+
+def test_a_misspelt_server_arg_fails_vllms_parser(vllm_parsers, run_script):
+    argv = engine_call(run_script(spec("vllm", 1, 8, args=("--tensor-paralel-size", "4"))))
+    with pytest.raises(SystemExit) as e:
+        vllm_parse(vllm_parsers, argv)
+    assert e.value.code == 2
