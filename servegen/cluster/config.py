@@ -55,6 +55,18 @@ class ClusterConfig:
     def container_for(self, server_type: str) -> str | None:
         return self.containers.get(server_type)
 
+    def path_here(self, path: str, server_type: str) -> str | None:
+        """Where a path the server sees is on this machine: itself without a container; in one,
+        through the mount whose target holds it (the deepest), or None if no mount does (then it
+        lives in the image, out of sight from here)."""
+        if self.container_for(server_type) is None:
+            return path
+        for mount in sorted(self.mounts, key=lambda m: -len(m.target.rstrip("/"))):
+            target = mount.target.rstrip("/") or "/"
+            if path == target or path.startswith(target.rstrip("/") + "/"):
+                return mount.source.rstrip("/") + path[len(target.rstrip("/")):]
+        return None
+
     def time_limit_minutes(self, partition: str | None = None) -> int | None:
         """The time limit of a job on the given (or default) partition, if the config sets one."""
         partition = partition or self.partition

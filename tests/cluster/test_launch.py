@@ -1,0 +1,60 @@
+"""How the cluster layer wraps a server command: what a container gets from the host, and the
+model folder seen through the container's mounts."""
+
+from pathlib import Path
+
+import pytest
+
+from servegen.cluster.config import parse_cluster_config
+from servegen.cluster.launch import local_launch, srun_launch
+from servegen.server import build_server_command
+from servegen.server.command import ServerSpec
+
+
+def config(tmp_path: Path, **raw):
+    return parse_cluster_config({"executor": "slurm", **raw}, tmp_path / "c.yaml")
+
+
+def test_path_here_goes_through_the_deepest_mount(tmp_path):
+    c = config(tmp_path, containers={"vllm": "img"}, mounts=["/lustre:/data", "/fast/models:/data/models:ro"])
+    assert c.path_here("/data/models/llama", "vllm") == "/fast/models/llama"
+    assert c.path_here("/data/x", "vllm") == "/lustre/x"
+    assert c.path_here("/data", "vllm") == "/lustre"
+    assert c.path_here("/database/x", "vllm") is None  # not under /data: inside the image
+    assert c.path_here("/opt/model", "vllm") is None
+    assert c.path_here("/opt/model", "sglang") == "/opt/model"  # no container: the path itself
+
+
+@pytest.mark.parametrize("containerised", [False, True])
+def test_a_model_folder_behind_a_mount_runs_offline(tmp_path, monkeypatch, containerised):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    (tmp_path / "models" / "llama").mkdir(parents=True)
+    raw = {"containers": {"vllm": "img"}, "mounts": [f"{tmp_path / 'models'}:/models:ro"]} if containerised else {}
+    c = config(tmp_path, **raw)
+    model = "/models/llama" if containerised else str(tmp_path / "models" / "llama")
+    spec = ServerSpec("vllm", model, gpus=8, nodes=2)
+    assert srun_launch(spec, build_server_command(spec), c).env["HF_HUB_OFFLINE"] == "1"
+    elsewhere = ServerSpec("vllm", "/models/other" if containerised else "/nowhere/llama", gpus=8, nodes=2)
+    assert "HF_HUB_OFFLINE" not in srun_launch(elsewhere, build_server_command(elsewhere), c).env
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the caller's own value wins
+    assert "HF_HUB_OFFLINE" not in srun_launch(spec, build_server_command(spec), c).env
+
+
+def test_a_container_takes_every_variable_servegen_sets_from_the_host(tmp_path, monkeypatch):
+    """pyxis gives an image's own exported values precedence: every name servegen sets (engine
+    defaults, the caller's values of them, the config's env_vars, the head's address) is named
+    in --container-env; docker's -e NAME already wins over the image."""
+    monkeypatch.setenv("VLLM_NO_USAGE_STATS", "0")  # the caller's value of an engine default
+    c = config(tmp_path, containers={"vllm": "img"}, env_vars=["HF_HOME=/cache", "NCCL_DEBUG=INFO"])
+    spec = ServerSpec("vllm", "/models/llama", gpus=8, nodes=2)
+    argv = srun_launch(spec, build_server_command(spec), c).argv
+    (flag,) = [a for a in argv if a.startswith("--container-env=")]
+    assert flag.split("=", 1)[1].split(",") == [
+        "DO_NOT_TRACK", "HF_HOME", "NCCL_DEBUG", "SERVEGEN_HEAD_HOST", "SERVEGEN_NUM_NODES", "VLLM_NO_USAGE_STATS"]
+    assert argv.index(flag) < argv.index("bash")
+    bare = srun_launch(spec, build_server_command(spec), config(tmp_path))
+    assert not any(a.startswith("--container-env") for a in bare.argv)  # no container, no flag
+    local = local_launch(ServerSpec("vllm", "/models/llama", gpus=1), build_server_command(spec),
+                         parse_cluster_config({"executor": "local", "containers": {"vllm": "img"},
+                                               "env_vars": ["HF_HOME=/cache"]}, tmp_path / "l.yaml"))
+    assert ["-e", "HF_HOME"] == local.argv[local.argv.index("HF_HOME") - 1:local.argv.index("HF_HOME") + 1]
