@@ -36,6 +36,47 @@ class Mount:
         return f"{self.source}:{self.target}" + (":ro" if self.read_only else "")
 
 
+_SLURM_MEMORY = re.compile(r"^\d+[KMGT]?$")  # sbatch --mem's form: 64G, 512000 (MB), 0 (all of the node)
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What a job asks for besides GPUs and nodes: set in the cluster config, each overridden by
+    its flag (--cpus_per_task, --mem, --mem_per_gpu, --exclusive). None: not asked for (the
+    partition's default, often one CPU and little memory)."""
+
+    cpus_per_task: int | None = None  # the one task per node: the job body and its server
+    mem: str | None = None  # per node
+    mem_per_gpu: str | None = None
+    exclusive: bool = False  # whole nodes
+
+    def __post_init__(self):
+        if self.mem is not None and self.mem_per_gpu is not None:
+            raise ConfigError("set mem or mem_per_gpu, not both (Slurm takes one)")
+
+    def overridden(self, **flags) -> "Resources":
+        """These resources with each flag that was given (not None, not False) in its place."""
+        given = {k: v for k, v in flags.items() if v is not None and v is not False}
+        if "mem" in given:
+            given.setdefault("mem_per_gpu", None)
+        elif "mem_per_gpu" in given:
+            given["mem"] = None
+        return Resources(**{**self.__dict__, **given})
+
+
+def check_cpus(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{what} must be a whole number of 1 or more, got {value!r}")
+    return value
+
+
+def check_memory(value, what: str) -> str:
+    text = str(value).strip().upper() if isinstance(value, (str, int)) and not isinstance(value, bool) else None
+    if text is None or not _SLURM_MEMORY.match(text.removesuffix("B")):
+        raise ConfigError(f"{what} must be a Slurm memory size like 64G or 0 (the whole node), got {value!r}")
+    return text.removesuffix("B")
+
+
 @dataclass(frozen=True)
 class ClusterConfig:
     name: str
@@ -51,6 +92,8 @@ class ClusterConfig:
     job_name_prefix: str = "servegen-"
     sbatch_args: dict[str, str | bool] = field(default_factory=dict)  # name -> value (True: bare flag)
     srun_args: tuple[str, ...] = ()
+    resources: Resources = Resources()
+    mpi: str | None = "pmix"  # srun --mpi of steps whose tasks are MPI ranks (trtllm); None: Slurm's MpiDefault
 
     def container_for(self, server_type: str) -> str | None:
         return self.containers.get(server_type)
@@ -118,7 +161,8 @@ def parse_cluster_config(raw, path: Path) -> ClusterConfig:
     where = str(path)
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: a cluster config must be a mapping of keys, got {type(raw).__name__}")
-    known = set(ClusterConfig.__dataclass_fields__) - {"name", "path"} | {"required_env_vars"}
+    known = set(ClusterConfig.__dataclass_fields__) - {"name", "path", "resources"} | {"required_env_vars"}
+    known |= set(Resources.__dataclass_fields__)
     for key in raw:
         if key not in known:
             raise ConfigError(f"{where}: unknown key '{key}'; known keys: {', '.join(sorted(known))}")
@@ -149,7 +193,9 @@ def parse_cluster_config(raw, path: Path) -> ClusterConfig:
         timeouts=_parse_timeouts(raw.get("timeouts"), where),
         job_name_prefix=_optional_str(raw, "job_name_prefix", where) or "servegen-",
         sbatch_args=_parse_sbatch_args(raw.get("sbatch_args"), where),
-        srun_args=tuple(_string_list(raw.get("srun_args"), where, "srun_args")),
+        srun_args=_parse_srun_args(raw.get("srun_args"), where),
+        resources=_parse_resources(raw, where),
+        mpi=_parse_mpi(raw.get("mpi", "pmix"), where),
     )
 
 
@@ -280,3 +326,34 @@ def _parse_sbatch_args(value, where: str) -> dict[str, str | bool]:
         else:
             raise ConfigError(f"{where}: key 'sbatch_args.{name}' must be a value or true, got {val!r}")
     return out
+
+
+def _parse_srun_args(value, where: str) -> tuple[str, ...]:
+    args = tuple(_string_list(value, where, "srun_args"))
+    if any(a == "--mpi" or a.startswith("--mpi=") for a in args):
+        raise ConfigError(f"{where}: key 'srun_args': set the MPI plugin with the key 'mpi' (e.g. mpi: pmix), not --mpi")
+    return args
+
+
+def _parse_mpi(value, where: str) -> str | None:
+    if value is None or value == "none":
+        return None
+    if not isinstance(value, str) or not re.fullmatch(r"[a-z0-9_]+", value):
+        raise ConfigError(f"{where}: key 'mpi' must be an srun --mpi plugin name (pmix, pmi2, ...) or none, got {value!r}")
+    return value
+
+
+def _parse_resources(raw: dict, where: str) -> Resources:
+    exclusive = raw.get("exclusive", False)
+    if not isinstance(exclusive, bool):
+        raise ConfigError(f"{where}: key 'exclusive' must be true or false, got {exclusive!r}")
+    cpus, mem, mem_per_gpu = raw.get("cpus_per_task"), raw.get("mem"), raw.get("mem_per_gpu")
+    try:
+        return Resources(
+            cpus_per_task=None if cpus is None else check_cpus(cpus, "key 'cpus_per_task'"),
+            mem=None if mem is None else check_memory(mem, "key 'mem'"),
+            mem_per_gpu=None if mem_per_gpu is None else check_memory(mem_per_gpu, "key 'mem_per_gpu'"),
+            exclusive=exclusive,
+        )
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None

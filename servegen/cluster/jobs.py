@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from servegen.cluster.config import Resources
 from servegen.cli import INTERRUPTED_EXIT_CODE, STOP_SIGNALS, Interrupted, exit_on_signals
 from servegen.errors import ServegenError
 from servegen.server.process import die_with_parent
@@ -43,6 +44,7 @@ class JobSpec:
     time_limit_min: int | None = None  # None: the cluster config's limit for the partition
     time_min: str | None = None  # sbatch --time-min: Slurm may shorten the limit down to this
     dependencies: list[str] = field(default_factory=list)  # job ids to run after (afterany)
+    resources: Resources = Resources()  # CPUs, memory, whole nodes
 
 
 class JobCommand:

@@ -94,8 +94,10 @@ NODE_ADDRESSES = (
 )
 
 
-def srun_launch(spec: ServerSpec, command: ServerCommand, cluster: ClusterConfig) -> Launch:
-    """The srun step that starts the server on every node of the job's allocation."""
+def srun_launch(spec: ServerSpec, command: ServerCommand, cluster: ClusterConfig, cpus_per_task: int | None) -> Launch:
+    """The srun step that starts the server on every node of the job's allocation; cpus_per_task:
+    the job's own (srun does not inherit it from sbatch in every Slurm release), None if it asked
+    for none."""
     env = server_env(spec, command, cluster)
     tasks = command.tasks_per_node
     argv = [
@@ -107,8 +109,15 @@ def srun_launch(spec: ServerSpec, command: ServerCommand, cluster: ClusterConfig
         "--mem=0",  # the job's memory: the step that runs servegen holds it already
         "--kill-on-bad-exit=1",
     ]
-    if command.mpi and not any(a.startswith("--mpi") for a in cluster.srun_args):
-        argv.append("--mpi=pmix")
+    if tasks > 1:
+        # one rank per GPU in a job of one task per node: more tasks than the job asked CPUs for
+        argv.append("--overcommit")
+        if cpus_per_task and cpus_per_task >= tasks:
+            argv.append(f"--cpus-per-task={cpus_per_task // tasks}")
+    elif cpus_per_task:
+        argv.append(f"--cpus-per-task={cpus_per_task}")
+    if command.mpi and cluster.mpi:
+        argv.append(f"--mpi={cluster.mpi}")
     argv += cluster.srun_args
     image = cluster.container_for(spec.server_type)
     if image is not None:
@@ -142,13 +151,15 @@ def head_node_address() -> str:
     return fields.get("NodeAddr", nodes[0])
 
 
-def job_launch(spec: ServerSpec, command: ServerCommand, cluster: ClusterConfig, in_slurm: bool) -> Launch:
+def job_launch(
+    spec: ServerSpec, command: ServerCommand, cluster: ClusterConfig, in_slurm: bool, cpus_per_task: int | None = None
+) -> Launch:
     """How a job starts its server: inside a Slurm job, an srun step across the allocation when
     the server spans several nodes, runs a task per GPU or runs in a container (pyxis); else a
     child process here (or a docker container outside Slurm)."""
     needs_srun = spec.nodes > 1 or command.tasks_per_node > 1 or cluster.container_for(spec.server_type)
     if in_slurm and needs_srun:
-        return srun_launch(spec, command, cluster)
+        return srun_launch(spec, command, cluster, cpus_per_task)
     return local_launch(spec, command, cluster)
 
 
@@ -158,7 +169,8 @@ def start_server_here(
     """Start a server from inside a job (see job_launch); the command is the engine's for `spec`
     unless given. The caller waits for it to be ready."""
     command = command or build_server_command(spec)
-    launch = job_launch(spec, command, cluster, in_slurm_job())
+    cpus = os.environ.get("SLURM_CPUS_PER_TASK")
+    launch = job_launch(spec, command, cluster, in_slurm_job(), int(cpus) if cpus and cpus.isdigit() else None)
     env = launch.full_env()
     if launch.argv[0] == "srun":
         env["SERVEGEN_NUM_NODES"] = str(spec.nodes)

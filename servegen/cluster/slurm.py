@@ -44,6 +44,15 @@ def sbatch_parameters(job: JobSpec, cluster: ClusterConfig) -> dict:
         params["qos"] = cluster.qos
     if job.gpus_per_node:
         params["gpus_per_node"] = job.gpus_per_node
+    r = job.resources
+    if r.cpus_per_task:
+        params["cpus_per_task"] = r.cpus_per_task
+    if r.mem is not None:
+        params["mem"] = r.mem
+    if r.mem_per_gpu is not None:
+        params["mem_per_gpu"] = r.mem_per_gpu
+    if r.exclusive:
+        params["exclusive"] = True
     extra = dict(cluster.sbatch_args)
     if job.time_min:
         extra["time-min"] = job.time_min
@@ -54,13 +63,18 @@ def sbatch_parameters(job: JobSpec, cluster: ClusterConfig) -> dict:
     return params
 
 
-def sbatch_text(job: JobSpec, cluster: ClusterConfig) -> str:
-    """What --dry_run prints: the sbatch script submitit writes, then what each task runs."""
+def sbatch_script(job: JobSpec, cluster: ClusterConfig) -> str:
+    """The sbatch script submitit writes for the job."""
     folder = job.log_dir
     command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(str(folder))}"
     n = len(job.commands)
-    script = _make_sbatch_string(command=command, folder=folder, map_count=n if n > 1 else None,
-                                 **sbatch_parameters(job, cluster))
+    return _make_sbatch_string(command=command, folder=folder, map_count=n if n > 1 else None,
+                               **sbatch_parameters(job, cluster))
+
+
+def sbatch_text(job: JobSpec, cluster: ClusterConfig) -> str:
+    """What --dry_run prints: the sbatch script submitit writes, then what each task runs."""
+    script = sbatch_script(job, cluster)
     assigns = "".join(a + " " for a in shell_env(job.env))
     what = [f"# task {i} runs: {assigns}{shlex.join(argv)}" for i, argv in enumerate(job.commands)]
     return f"# sbatch script of job {cluster.job_name_prefix}{job.name}\n{script}\n" + "\n".join(what) + "\n"

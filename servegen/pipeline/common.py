@@ -1,8 +1,9 @@
-"""What the command-line entry points share: server flags and their checks, time limits."""
+"""What the command-line entry points share: server flags and their checks, job resources,
+time limits."""
 
 import argparse
 
-from servegen.cluster.config import parse_slurm_time
+from servegen.cluster.config import ClusterConfig, Resources, check_cpus, check_memory, parse_slurm_time
 from servegen.errors import ServegenError
 from servegen.server import SERVER_TYPES
 from servegen.server.command import ServerSpec, split_args
@@ -47,3 +48,25 @@ def parse_time_limit(text: str, flag: str = "--time_limit") -> int:
         return parse_slurm_time(text)
     except ValueError:
         raise ServegenError(f"{flag} must be minutes or a Slurm time like 04:00:00, got {text!r}") from None
+
+
+def add_resource_flags(parser: argparse.ArgumentParser) -> None:
+    """CPUs and memory of a Slurm job; each wins over its key in the cluster config."""
+    parser.add_argument("--cpus_per_task", type=int, help="CPUs of the job's one task per node (default: the config's cpus_per_task)")
+    parser.add_argument("--mem", help="memory per node, e.g. 256G, 0 for all of it (default: the config's mem)")
+    parser.add_argument("--mem_per_gpu", help="memory per GPU instead of --mem, e.g. 80G (default: the config's)")
+    parser.add_argument("--exclusive", action="store_true", help="whole nodes, shared with no other job (config: exclusive)")
+
+
+def resources_from(args: argparse.Namespace, cluster: ClusterConfig) -> Resources:
+    given = [f"--{k}" for k in ("cpus_per_task", "mem", "mem_per_gpu", "exclusive") if getattr(args, k) not in (None, False)]
+    if given and cluster.executor != "slurm":
+        raise ServegenError(f"{' '.join(given)}: for Slurm jobs; cluster '{cluster.name}' runs on this machine")
+    if args.mem is not None and args.mem_per_gpu is not None:
+        raise ServegenError("give --mem or --mem_per_gpu, not both")
+    return cluster.resources.overridden(
+        cpus_per_task=None if args.cpus_per_task is None else check_cpus(args.cpus_per_task, "--cpus_per_task"),
+        mem=None if args.mem is None else check_memory(args.mem, "--mem"),
+        mem_per_gpu=None if args.mem_per_gpu is None else check_memory(args.mem_per_gpu, "--mem_per_gpu"),
+        exclusive=args.exclusive,
+    )

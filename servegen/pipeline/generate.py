@@ -19,7 +19,7 @@ from servegen.errors import ServegenError
 from servegen.generation.config import GenerationConfig, build_config, parse_overrides, to_overrides
 from servegen.generation.job import Job, Unit, forget_outputs, is_done, merge_finished, output_locks
 from servegen.generation.job import main as job_main  # what a local job's forked child runs
-from servegen.pipeline.common import add_server_flags, parse_time_limit
+from servegen.pipeline.common import add_resource_flags, add_server_flags, parse_time_limit, resources_from
 from servegen.server.command import split_args
 
 # sampling suited to drawing several independent answers; the user's ++inference.* still win
@@ -49,6 +49,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
                         help="start after the jobs of this experiment name finish (Slurm; repeatable)")
     parser.add_argument("--partition", help="Slurm partition (default: the cluster config's)")
     parser.add_argument("--time_limit", help="job time limit, minutes or a Slurm time (default: the config's)")
+    add_resource_flags(parser)
     parser.add_argument("--time_min", help="sbatch --time-min: Slurm may shorten the limit down to this")
     parser.add_argument("--log_dir", help="job and server logs (default: <output_dir>/logs)")
     parser.add_argument("--rerun_done", action="store_true", help="run again even where output is done")
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
 def _generate(argv: list[str] | None) -> int:
     args, overrides = parse_args(argv)
     cluster = load_cluster_config(args.cluster, args.config_dir)
+    resources = resources_from(args, cluster)
     seeds = _seeds(args)
     cfg = _job_config(args, cluster, seeds, overrides)
     typed = {key for key, _ in parse_overrides(overrides)}
@@ -112,6 +114,7 @@ def _generate(argv: list[str] | None) -> int:
         partition=args.partition,
         time_limit_min=parse_time_limit(args.time_limit) if args.time_limit else None,
         time_min=args.time_min,
+        resources=resources,
     )
     if args.run_after and not args.dry_run:
         for name in args.run_after:

@@ -22,7 +22,13 @@ from servegen.cluster.config import ClusterConfig, load_cluster_config
 from servegen.cluster.jobs import JobSpec
 from servegen.cluster.launch import job_launch, local_launch, start_server_here
 from servegen.errors import ServegenError, ServerError
-from servegen.pipeline.common import add_server_flags, parse_time_limit, server_spec_from_flags
+from servegen.pipeline.common import (
+    add_resource_flags,
+    add_server_flags,
+    parse_time_limit,
+    resources_from,
+    server_spec_from_flags,
+)
 from servegen.server import build_server_command
 from servegen.server.process import DEFAULT_READY_TIMEOUT_S, LOG_TAIL_LINES, free_port, log_tail, probe
 
@@ -46,6 +52,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--partition", help="Slurm partition (default: the cluster config's)")
     parser.add_argument("--time_limit", help="Slurm job time limit, minutes or a Slurm time (default: the config's)")
+    add_resource_flags(parser)
     parser.add_argument("--expname", default="server", help="Slurm job name after the config's prefix")
     parser.add_argument("--dry_run", action="store_true", help="print the exact command or sbatch script and exit")
     # what the submitted Slurm job runs: start the server in this allocation, write its address
@@ -60,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
 def _start(argv: list[str] | None) -> int:
     args = parse_args(argv)
     cluster = load_cluster_config(args.cluster, args.config_dir)
+    resources_from(args, cluster)  # flags that a local run cannot use are refused before it starts
     if cluster.executor == "slurm" and not args.run_here:
         return _submit(args, cluster)
 
@@ -122,12 +130,13 @@ def _submit(args: argparse.Namespace, cluster: ClusterConfig) -> int:
         name=args.expname, commands=[command], env=cluster.env_vars, log_dir=log_dir, nodes=args.server_nodes,
         gpus_per_node=args.server_gpus, partition=args.partition,
         time_limit_min=parse_time_limit(args.time_limit) if args.time_limit else None,
+        resources=resources_from(args, cluster),
     )
     if args.dry_run:
         print(slurm.sbatch_text(job, cluster), end="")
         note = "" if args.server_port else " (5000 stands for the free port it picks)"
         print(f"# the job starts the server with{note}:")
-        print(job_launch(spec, server, cluster, in_slurm=True).shell())
+        print(job_launch(spec, server, cluster, in_slurm=True, cpus_per_task=job.resources.cpus_per_task).shell())
         return 0
     job_id = slurm.submit(job, cluster)
     print(f"servegen: submitted Slurm job {job_id}; waiting for the server (job log {log_dir}/{job_id}_0_log.out)",

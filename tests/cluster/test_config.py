@@ -33,7 +33,7 @@ def test_shipped_configs_load():
     assert slurm.container_for("vllm").startswith("vllm/vllm-openai")
     assert slurm.container_for("hf") is None
     assert Mount("/lustre/models", "/models", read_only=True) in slurm.mounts
-    assert slurm.sbatch_args == {"exclusive": True}
+    assert slurm.sbatch_args == {} and slurm.resources.exclusive and slurm.mpi == "pmix"
     assert slurm.env_vars["HF_HOME"] == "/workspace/hf_home"
 
 
@@ -144,3 +144,23 @@ def test_sbatch_args_list_form(tmp_path):
     path = write(tmp_path, "c.yaml", "executor: slurm\nsbatch_args: ['--constraint=a100', '--exclusive']\n")
     assert load_cluster_config(str(path)).sbatch_args == {"constraint": "a100", "exclusive": True}
 
+
+
+def test_resources_and_mpi_keys(tmp_path):
+    from servegen.cluster.config import Resources
+
+    path = write(tmp_path, "r.yaml", "executor: slurm\ncpus_per_task: 16\nmem: 256g\nexclusive: true\nmpi: pmi2\n")
+    c = load_cluster_config(str(path))
+    assert c.resources == Resources(cpus_per_task=16, mem="256G", exclusive=True) and c.mpi == "pmi2"
+    assert load_cluster_config(str(write(tmp_path, "d.yaml", "executor: slurm\n"))).mpi == "pmix"
+    assert c.resources.overridden(mem_per_gpu="80G", exclusive=False) == Resources(16, None, "80G", True)
+    for text, message in [
+        ("cpus_per_task: 0", "key 'cpus_per_task' must be a whole number of 1 or more"),
+        ("mem: lots", "key 'mem' must be a Slurm memory size like 64G"),
+        ("mem: 1G\nmem_per_gpu: 1G", "set mem or mem_per_gpu, not both"),
+        ("exclusive: yes please", "key 'exclusive' must be true or false"),
+        ("srun_args: ['--mpi=pmix']", "set the MPI plugin with the key 'mpi'"),
+        ("mpi: 'pm ix'", "key 'mpi' must be an srun --mpi plugin name"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_cluster_config(str(write(tmp_path, "bad.yaml", f"executor: slurm\n{text}\n")))

@@ -33,11 +33,11 @@ def test_a_model_folder_behind_a_mount_runs_offline(tmp_path, monkeypatch, conta
     c = config(tmp_path, **raw)
     model = "/models/llama" if containerised else str(tmp_path / "models" / "llama")
     spec = ServerSpec("vllm", model, gpus=8, nodes=2)
-    assert srun_launch(spec, build_server_command(spec), c).env["HF_HUB_OFFLINE"] == "1"
+    assert srun_launch(spec, build_server_command(spec), c, None).env["HF_HUB_OFFLINE"] == "1"
     elsewhere = ServerSpec("vllm", "/models/other" if containerised else "/nowhere/llama", gpus=8, nodes=2)
-    assert "HF_HUB_OFFLINE" not in srun_launch(elsewhere, build_server_command(elsewhere), c).env
+    assert "HF_HUB_OFFLINE" not in srun_launch(elsewhere, build_server_command(elsewhere), c, None).env
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the caller's own value wins
-    assert "HF_HUB_OFFLINE" not in srun_launch(spec, build_server_command(spec), c).env
+    assert "HF_HUB_OFFLINE" not in srun_launch(spec, build_server_command(spec), c, None).env
 
 
 def test_a_container_takes_every_variable_servegen_sets_from_the_host(tmp_path, monkeypatch):
@@ -47,14 +47,30 @@ def test_a_container_takes_every_variable_servegen_sets_from_the_host(tmp_path, 
     monkeypatch.setenv("VLLM_NO_USAGE_STATS", "0")  # the caller's value of an engine default
     c = config(tmp_path, containers={"vllm": "img"}, env_vars=["HF_HOME=/cache", "NCCL_DEBUG=INFO"])
     spec = ServerSpec("vllm", "/models/llama", gpus=8, nodes=2)
-    argv = srun_launch(spec, build_server_command(spec), c).argv
+    argv = srun_launch(spec, build_server_command(spec), c, None).argv
     (flag,) = [a for a in argv if a.startswith("--container-env=")]
     assert flag.split("=", 1)[1].split(",") == [
         "DO_NOT_TRACK", "HF_HOME", "NCCL_DEBUG", "SERVEGEN_HEAD_HOST", "SERVEGEN_NUM_NODES", "VLLM_NO_USAGE_STATS"]
     assert argv.index(flag) < argv.index("bash")
-    bare = srun_launch(spec, build_server_command(spec), config(tmp_path))
+    bare = srun_launch(spec, build_server_command(spec), config(tmp_path), None)
     assert not any(a.startswith("--container-env") for a in bare.argv)  # no container, no flag
     local = local_launch(ServerSpec("vllm", "/models/llama", gpus=1), build_server_command(spec),
                          parse_cluster_config({"executor": "local", "containers": {"vllm": "img"},
                                                "env_vars": ["HF_HOME=/cache"]}, tmp_path / "l.yaml"))
     assert ["-e", "HF_HOME"] == local.argv[local.argv.index("HF_HOME") - 1:local.argv.index("HF_HOME") + 1]
+
+
+def test_a_step_of_one_rank_per_gpu_overcommits_and_shares_the_jobs_cpus(tmp_path):
+    """trtllm on 8 GPUs runs 8 MPI ranks per node in a job of one task per node: the step
+    overcommits, splits the job's CPUs between its ranks, and uses the config's MPI plugin."""
+    spec = ServerSpec("trtllm", "/models/llama", gpus=8, nodes=1)
+    command = build_server_command(spec)
+    assert command.tasks_per_node == 8 and command.mpi
+    argv = srun_launch(spec, command, config(tmp_path), 64).argv
+    assert {"--ntasks-per-node=8", "--overcommit", "--cpus-per-task=8", "--mpi=pmix"} <= set(argv)
+    assert "--cpus-per-task" not in " ".join(srun_launch(spec, command, config(tmp_path), 4).argv)  # fewer CPUs than ranks
+    assert not any(a.startswith("--mpi") for a in srun_launch(spec, command, config(tmp_path, mpi="none"), None).argv)
+    assert "--mpi=pmi2" in srun_launch(spec, command, config(tmp_path, mpi="pmi2"), None).argv
+    one = ServerSpec("vllm", "/models/llama", gpus=8, nodes=2)
+    argv = srun_launch(one, build_server_command(one), config(tmp_path), 32).argv
+    assert "--cpus-per-task=32" in argv and "--overcommit" not in argv and not any(a.startswith("--mpi") for a in argv)

@@ -103,7 +103,7 @@ def test_srun_launch_golden(name, server_type, nodes, gpus, config, golden, monk
     spec = ServerSpec(server_type=server_type, model="/models/llama", gpus=gpus, nodes=nodes, port=5000,
                       host="0.0.0.0")
     command = build_server_command(spec)
-    launch = srun_launch(spec, command, parse_cluster_config(config, Path(f"{name}.yaml")))
+    launch = srun_launch(spec, command, parse_cluster_config(config, Path(f"{name}.yaml")), cpus_per_task=32)
     golden(f"srun-{name}.txt", f"# {name}: the job's srun step, {nodes} node(s) x {command.tasks_per_node} task(s)\n"
                                f"{launch.shell()}\n")
     flags = launch.argv[:launch.argv.index("bash")]
@@ -304,3 +304,67 @@ def test_a_two_node_server_starts_with_srun_beside_submitits_step_and_stops_on_b
     assert job_processes(job_id) == []
     steps = slurm("sacct", "-n", "-P", "-j", job_id, "-o", "JobID,NodeList")
     assert f"{server_step}|node[1-2]" in steps.split()
+
+
+def test_cpus_memory_and_whole_nodes_from_the_config_and_the_flags(tmp_path):
+    """The config's cpus_per_task/mem/exclusive become #SBATCH lines; each flag wins over its
+    key (--mem_per_gpu replacing the config's mem), and the server's srun step gets the CPUs."""
+    config = tmp_path / "res-slurm.yaml"
+    config.write_text("executor: slurm\ncpus_per_task: 16\nmem: 256G\nexclusive: true\n"
+                      "containers: {vllm: img}\n")
+
+    def dry_run(*flags: str) -> str:
+        result = subprocess.run(
+            [sys.executable, "-m", "servegen.pipeline.start_server", "--cluster", str(config), "--model", "/models/llama",
+             "--server_type", "vllm", "--server_gpus", "8", "--log_dir", str(tmp_path / "logs"), "--dry_run", *flags],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    text = dry_run()
+    assert {"#SBATCH --cpus-per-task=16", "#SBATCH --mem=256G", "#SBATCH --exclusive"} <= set(text.splitlines())
+    assert "--cpus-per-task=16" in text.split("# the job starts the server with")[1]
+    text = dry_run("--cpus_per_task", "64", "--mem_per_gpu", "80G")
+    lines = set(text.splitlines())
+    assert {"#SBATCH --cpus-per-task=64", "#SBATCH --mem-per-gpu=80G", "#SBATCH --exclusive"} <= lines
+    assert not any(line.startswith("#SBATCH --mem=") for line in lines)
+    for flags, message in [(["--mem", "lots"], "--mem must be a Slurm memory size"),
+                           (["--mem", "1G", "--mem_per_gpu", "1G"], "give --mem or --mem_per_gpu, not both"),
+                           (["--cpus_per_task", "0"], "--cpus_per_task must be a whole number of 1 or more")]:
+        result = subprocess.run(
+            [sys.executable, "-m", "servegen.pipeline.start_server", "--cluster", str(config), "--model", "/m",
+             "--server_type", "vllm", "--server_gpus", "8", "--dry_run", *flags],
+            capture_output=True, text=True, timeout=60, cwd=tmp_path,
+        )
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+    local = subprocess.run(
+        [sys.executable, "-m", "servegen.pipeline.start_server", "--cluster", "local", "--model", "/m",
+         "--server_type", "vllm", "--server_gpus", "0", "--dry_run", "--exclusive"],
+        capture_output=True, text=True, timeout=60, cwd=tmp_path,
+    )
+    assert local.returncode == 2 and "--exclusive: for Slurm jobs; cluster 'local' runs on this machine" in local.stderr
+
+
+@pytest.mark.parametrize("nodes, gpus, commands", [(1, 4, 1), (2, 4, 1), (1, 2, 3)])
+def test_the_sbatch_scripts_servegen_writes_pass_sbatch_test_only(tmp_path, nodes, gpus, commands):
+    """Each generated script, with CPUs, memory and whole nodes asked for, as the real test
+    cluster's sbatch validates it (--test-only: checked against the nodes, nothing queued); one
+    asking for more CPUs than a node has is refused, so the check checks."""
+    require_slurm()
+    from servegen.cluster.config import Resources
+
+    cluster = load_cluster_config(str(CONFIG))
+
+    def test_only(resources: Resources) -> subprocess.CompletedProcess:
+        job = JobSpec(name=unique("test-only"), commands=[["true"]] * commands, log_dir=tmp_path / "logs",
+                      nodes=nodes, gpus_per_node=gpus, time_limit_min=10, resources=resources)
+        script = tmp_path / "job.sh"
+        script.write_text(slurm_executor.sbatch_script(job, cluster))
+        return subprocess.run(["sbatch", "--test-only", str(script)], capture_output=True, text=True, timeout=60)
+
+    fits = test_only(Resources(cpus_per_task=4, mem="2G", exclusive=True))
+    assert fits.returncode == 0 and "to start at" in fits.stderr, fits.stderr
+    assert test_only(Resources(cpus_per_task=6, mem_per_gpu="1G")).returncode == 0
+    too_many = test_only(Resources(cpus_per_task=64))
+    assert too_many.returncode != 0 and "Requested node configuration is not available" in too_many.stderr
