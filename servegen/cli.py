@@ -13,6 +13,8 @@ first SIGINT/SIGTERM/SIGHUP ends the process at once: nothing has started. While
   the loop calls `raise_if_stopped()` after it, for a signal that came while no loop handler
   was installed.
 Repeats are ignored while the command cleans up. Exit code 130, as a shell reports Ctrl-C.
+A stop signal that was ignored when the process started (a background job's SIGINT, nohup's
+SIGHUP) is left ignored.
 """
 
 import contextlib
@@ -52,6 +54,10 @@ def main(argv: list[str] | None = None) -> int:
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 INTERRUPTED_EXIT_CODE = 130
+# A stop signal ignored when we started stays ignored: a shell starts a background `cmd &` with
+# SIGINT ignored and nohup SIGHUP, and Python itself leaves an ignored SIGINT alone. (Taking it
+# over later would only make it work after our start-up and be lost before.)
+HANDLED = tuple(s for s in STOP_SIGNALS if signal.getsignal(s) != signal.SIG_IGN)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -77,7 +83,7 @@ def run_main(body, argv: list[str] | None) -> int:
 
 def exit_on_signals() -> None:
     """Until run_main takes over: the first SIGINT/SIGTERM/SIGHUP ends the process with code 130."""
-    for s in STOP_SIGNALS:
+    for s in HANDLED:
         signal.signal(s, _exit_now)
 
 
@@ -106,7 +112,7 @@ def _on_signal(signum, frame) -> None:
 def stop_on_signals():
     """Handle SIGINT/SIGTERM/SIGHUP as the module docstring says while the block runs."""
     _State.active, _State.received = True, None
-    previous = {s: signal.signal(s, _on_signal) for s in STOP_SIGNALS}
+    previous = {s: signal.signal(s, _on_signal) for s in HANDLED}
     try:
         yield
     finally:
@@ -138,7 +144,7 @@ async def on_loop():
             _State.received = signum
         stopped.set()
 
-    for s in STOP_SIGNALS:
+    for s in HANDLED:
         loop.add_signal_handler(s, on_signal, s)
     if _State.received is not None:  # it came before the loop handler was in place
         stopped.set()
@@ -148,7 +154,7 @@ async def on_loop():
         # blocked while the handlers change hands, so that no signal meets the default action
         old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            for s in STOP_SIGNALS:
+            for s in HANDLED:
                 loop.remove_signal_handler(s)
                 signal.signal(s, _on_signal)
         finally:

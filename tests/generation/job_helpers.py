@@ -5,6 +5,7 @@ and prompts that always fail."""
 import asyncio
 import collections
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "inference"))
 
 from stub_server import StubServer  # noqa: E402
+from processes import as_a_shell_starts  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -142,17 +144,21 @@ def run_generate(input_file: Path, output_dir: Path, *args: str, address: str | 
 
 
 def start_generate(input_file: Path, output_dir: Path, *args: str, address: str | None = None,
-                   env: dict | None = None) -> subprocess.Popen:
-    """The same, in the background, in a session of its own (so that killpg reaches the job too)."""
+                   env: dict | None = None, background: bool = False) -> subprocess.Popen:
+    """The same, in the background, in a session of its own (so that killpg reaches the job too);
+    background: started as a shell starts `cmd &`, with SIGINT ignored."""
     argv = generate_argv(input_file, output_dir, *args, address=address)
     return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=output_dir.parent,
-                            start_new_session=True, env={**os.environ, **(env or {})})
+                            start_new_session=True, env={**os.environ, **(env or {})},
+                            preexec_fn=functools.partial(as_a_shell_starts, background))
+
 
 
 @contextlib.contextmanager
-def generating(input_file: Path, output_dir: Path, *args: str, address: str | None = None, env: dict | None = None):
+def generating(input_file: Path, output_dir: Path, *args: str, address: str | None = None, env: dict | None = None,
+               background: bool = False):
     """start_generate, and kill -9 whatever of it still runs when the block ends (a failed test)."""
-    job = start_generate(input_file, output_dir, *args, address=address, env=env)
+    job = start_generate(input_file, output_dir, *args, address=address, env=env, background=background)
     try:
         yield job
     finally:

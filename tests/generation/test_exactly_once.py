@@ -140,6 +140,28 @@ def test_a_signal_at_any_moment_stops_the_job_with_130_and_a_rerun_gives_every_r
     assert before_our_code <= SIGNAL_TRIES // 4
 
 
+def test_a_background_job_started_with_sigint_ignored_keeps_ignoring_it_and_stops_on_sigterm(stub, tmp_path):
+    """A shell starts `servegen generate ... &` with SIGINT ignored: Ctrl-C is not for it, at
+    start-up or later (taking SIGINT over after start-up would make it work only sometimes);
+    SIGTERM still stops it with 130."""
+    data = tmp_path / "data.jsonl"
+    write_dataset(data, ROWS)
+    stub.delay_s = SLOW
+    out = tmp_path / "out"
+    with generating(data, out, *ARGS, address=stub.base_url, background=True) as job:
+        for moment in (0.0, 0.3):  # in Python's start-up, then in the run
+            time.sleep(moment)
+            os.killpg(job.pid, signal.SIGINT)
+        wait_for(lambda: complete_lines(out / "output.jsonl"), 60, "the first row", job)
+        os.killpg(job.pid, signal.SIGINT)
+        time.sleep(0.5)
+        assert job.poll() is None  # still running
+        os.killpg(job.pid, signal.SIGTERM)
+        _, err = job.communicate(timeout=60)
+    assert job.returncode == 130 and err.count("servegen: stopped") == 1, err[-3000:]
+    settle(stub)
+
+
 def test_a_killed_servegen_generate_leaves_no_writer_and_a_rerun_at_once_is_refused_until_it_is_gone(stub, tmp_path, rng):
     """kill -9 of `servegen generate` itself: its job body gets SIGTERM (it must not outlive its
     parent) and stops within seconds. Until then a rerun of the same command is refused at once

@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from asking import ask_two_plus_two
+from processes import as_a_shell_starts
 from servegen.server import SERVER_TYPES
 
 ENGINE_ENV = ("VLLM_CPU_KVCACHE_SPACE", "VLLM_HOST_IP", "VLLM_TARGET_DEVICE", "SERVEGEN_CONFIG_DIR")
@@ -120,7 +121,7 @@ def test_real_vllm_server_answers_and_ctrl_c_leaves_nothing(demo_model, tmp_path
          "--model", str(demo_model), "--server_type", "vllm", "--server_gpus", "0",
          "--log_dir", str(tmp_path / "logs")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
-        env={**os.environ, "VLLM_CACHE_ROOT": str(tmp_path / "cache")},
+        env={**os.environ, "VLLM_CACHE_ROOT": str(tmp_path / "cache")}, preexec_fn=as_a_shell_starts,
     )
     try:
         line = read_ready_line(proc, timeout_s=600)

@@ -23,6 +23,7 @@ from servegen.cluster.config import load_cluster_config, parse_cluster_config
 from servegen.cluster.jobs import JobSpec
 from servegen.cluster.launch import srun_launch
 from asking import ask_two_plus_two
+from processes import as_a_shell_starts
 from servegen.server import SERVER_TYPES, build_server_command
 from servegen.server.command import ServerSpec
 from slurm.cluster import NODES, require_slurm, slurm, wait_for_job, wait_for_sacct
@@ -165,6 +166,7 @@ def test_real_vllm_server_in_a_slurm_job_answers_and_ctrl_c_cancels_the_job(demo
          "--log_dir", str(tmp_path / "logs"), "--expname", unique("server")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
         env={**os.environ, "VLLM_CACHE_ROOT": str(tmp_path / "cache")},  # sbatch passes it on to the job
+        preexec_fn=as_a_shell_starts,
     )
     output = Output(proc)
     try:
