@@ -76,7 +76,9 @@ def sbatch_text(job: JobSpec, cluster: ClusterConfig) -> str:
     """What --dry_run prints: the sbatch script submitit writes, then what each task runs."""
     script = sbatch_script(job, cluster)
     assigns = "".join(a + " " for a in shell_env(job.env))
-    what = [f"# task {i} runs: {assigns}{shlex.join(argv)}" for i, argv in enumerate(job.commands)]
+    # the array index (SLURM_ARRAY_TASK_ID, %a in the log name), not the srun task (%t)
+    name = (lambda i: f"array task {i}") if len(job.commands) > 1 else (lambda i: "the job")
+    what = [f"# {name(i)} runs: {assigns}{shlex.join(argv)}" for i, argv in enumerate(job.commands)]
     return f"# sbatch script of job {cluster.job_name_prefix}{job.name}\n{script}\n" + "\n".join(what) + "\n"
 
 

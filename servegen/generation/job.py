@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from servegen.cluster.config import load_cluster_config
 from servegen.errors import ServegenError, ServerError
-from servegen.generation.config import GenerationConfig, build_config
+from servegen.generation.config import GenerationConfig, ServerConfig, build_config
 from servegen.generation.files import OrderedWriter, count_rows, done_marker, merge_chunks, merge_lock, read_rows
 from servegen.generation.lock import OutputLocks
 from servegen.inference import CLIENTS, RESULT_FIELDS, InferenceError, ModelUnknown, get_model
@@ -163,6 +163,14 @@ def forget_outputs(out_dir: Path, units: list[Unit]) -> None:
             path.unlink(missing_ok=True)
 
 
+def co_located_spec(server: ServerConfig, port: int):
+    """The ServerSpec of the server a job starts for itself (cfg.server), listening on `port`."""
+    from servegen.server.command import ServerSpec, split_args
+
+    return ServerSpec(server_type=server.server_type, model=server.model, gpus=server.gpus, nodes=server.nodes,
+                      port=port, args=split_args(server.args))
+
+
 class CoLocatedServer:
     """The model server this job starts on its own node(s), restarted (bounded) when it dies."""
 
@@ -179,14 +187,10 @@ class CoLocatedServer:
         # imported here: a job that uses a running server never needs them, and start-up is part
         # of every job's wall time (benchmarks/README.md)
         from servegen.cluster.launch import start_server_here
-        from servegen.server.command import ServerSpec, split_args
         from servegen.server.process import free_port
 
         port = free_port()
-        spec = ServerSpec(
-            server_type=self.cfg.server_type, model=self.cfg.model, gpus=self.cfg.gpus, nodes=self.cfg.nodes,
-            port=port, args=split_args(self.cfg.args),
-        )
+        spec = co_located_spec(self.cfg, port)
         self.starts += 1
         self.log_path = self.log_dir / f"{self.cfg.server_type}-server-{self.starts}.log"
         print(f"servegen: starting {self.cfg.server_type} server (log {self.log_path})", file=sys.stderr, flush=True)

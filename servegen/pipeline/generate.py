@@ -17,11 +17,12 @@ from servegen.cluster.config import ClusterConfig, load_cluster_config
 from servegen.cluster.jobs import JobFailed, JobSpec, local_commands_text, run_local
 from servegen.errors import ServegenError
 from servegen.generation.config import GenerationConfig, build_config, parse_overrides, to_overrides
-from servegen.generation.job import Job, Unit, forget_outputs, is_done, merge_finished, output_locks
+from servegen.generation.job import Job, Unit, co_located_spec, forget_outputs, is_done, merge_finished, output_locks
 from servegen.generation.job import main as job_main  # what a local job's forked child runs
 from servegen.pipeline.common import add_resource_flags, add_server_flags, parse_time_limit, resources_from
 from servegen.server.command import split_args
 
+PORT_SHOWN = 5000  # in a dry run, for the free port a job's server gets
 # sampling suited to drawing several independent answers; the user's ++inference.* still win
 SEED_SAMPLING = {"temperature": 0.7, "top_p": 0.95}
 
@@ -86,6 +87,7 @@ def _generate(argv: list[str] | None) -> int:
         job = JobSpec(name=args.expname, commands=[_command(cfg, typed)], env=cluster.env_vars, log_dir=log_dir)
         if args.dry_run:
             print(local_commands_text(job), end="")
+            _print_server_launch(cfg, cluster, in_slurm=False)
             return 0
         try:
             run_local(job, body=job_main)
@@ -129,6 +131,7 @@ def _generate(argv: list[str] | None) -> int:
             if i:
                 link.dependencies = ["<job id of the job above>"]
             print(slurm.sbatch_text(link, cluster))
+        _print_server_launch(cfg, cluster, in_slurm=True, cpus_per_task=resources.cpus_per_task)
         return 0
     previous = None
     for link in chain:
@@ -138,6 +141,21 @@ def _generate(argv: list[str] | None) -> int:
         kind = f"array of {len(link.commands)}" if len(link.commands) > 1 else "job"
         print(f"servegen: submitted {kind} {previous} ({cluster.job_name_prefix}{link.name}), logs in {link.log_dir}")
     return 0
+
+
+def _print_server_launch(cfg: GenerationConfig, cluster: ClusterConfig, in_slurm: bool,
+                         cpus_per_task: int | None = None) -> None:
+    """How each job starts its own server (nothing with --server_address), as start_server's dry
+    run shows it: the srun step, container and mount flags included."""
+    if cfg.server.address is not None:
+        return
+    from servegen.cluster.launch import job_launch
+    from servegen.server import build_server_command
+
+    spec = co_located_spec(cfg.server, PORT_SHOWN)
+    launch = job_launch(spec, build_server_command(spec), cluster, in_slurm, cpus_per_task)
+    print(f"# each job starts its server with ({PORT_SHOWN} stands for the free port it picks):")
+    print(launch.shell())
 
 
 def _follow_up(job: JobSpec, i: int) -> JobSpec:

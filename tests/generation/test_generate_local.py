@@ -588,7 +588,7 @@ def test_dry_run_prints_the_commands_and_sbatch_scripts(name, tmp_path, monkeypa
     assert not out.exists()  # a dry run writes nothing
 
     if name in TASKS:  # the job config each Slurm task rebuilds from its ++overrides: one output each
-        runs = [shlex.split(line.split(" runs: ", 1)[1]) for line in captured.out.splitlines() if line.startswith("# task ")]
+        runs = [shlex.split(line.split(" runs: ", 1)[1]) for line in captured.out.splitlines() if line.startswith(("# array task ", "# the job runs: "))]
         units = [units_of(build_config([a for a in argv if a.startswith("++")])) for argv in runs]
         assert [(u.seed, u.chunk) for [u] in units] == TASKS[name]
 
