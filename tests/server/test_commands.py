@@ -402,3 +402,34 @@ def test_a_misspelt_server_arg_fails_vllms_parser(vllm_parsers, run_script):
     with pytest.raises(SystemExit) as e:
         vllm_parse(vllm_parsers, argv)
     assert e.value.code == 2
+
+
+# --- transformers serve's own parser (the click app of transformers 5.19, installed here) ---
+
+
+def transformers_parse(argv: list[str]):
+    """The parameters `transformers serve` would run with, parsed by its own CLI without running."""
+    from transformers.cli.transformers import app
+
+    assert argv[:2] == ["transformers", "serve"], argv
+    ctx = app.make_context("transformers", ["serve"])
+    return app.get_command(ctx, "serve").make_context("serve", argv[2:], parent=ctx).params
+
+
+@pytest.mark.parametrize("with_args", [False, True], ids=["defaults", "server_args"])
+@pytest.mark.parametrize("gpus, device", [(0, "cpu"), (1, "cuda"), (8, "auto")])
+def test_every_hf_command_parses_with_transformers_own_parser(run_script, gpus, device, with_args):
+    args = ("--attn-implementation", "sdpa", "--model-timeout", "60") if with_args else ()
+    params = transformers_parse(engine_call(run_script(spec("hf", 1, gpus, args=args))))
+    assert (params["force_model"], params["host"], params["port"], params["device"]) == (MODEL, "127.0.0.1", 5000, device)
+    assert params["continuous_batching"] is True
+    assert (params["dtype"], params["cb_max_memory_percent"]) == (("float32", 0.05) if gpus == 0 else ("auto", None))
+    if with_args:
+        assert (params["attn_implementation"], params["model_timeout"]) == ("sdpa", 60)
+
+
+def test_a_misspelt_server_arg_fails_transformers_parser(run_script):
+    import click
+
+    with pytest.raises(click.exceptions.NoSuchOption, match="--devise"):
+        transformers_parse(engine_call(run_script(spec("hf", 1, 1, args=("--devise", "cpu")))))
