@@ -109,6 +109,12 @@ def retried(command: str, what: str) -> str:
     )
 
 
+def require_file(path: str, what: str) -> str:
+    """A shell line that fails the task with one line saying `what` unless `path` (shell-quoted
+    as the script uses it) is a file."""
+    return f'[ -f {path} ] || {{ echo "servegen: {what}" >&2; exit 1; }}\n'
+
+
 def by_node_rank(head: str, worker: str) -> str:
     """A script that runs `head` on node 0 and `worker` on every other node."""
     return f'if [ "$SERVEGEN_NODE_RANK" = 0 ]; then\n    {head}\nelse\n    {worker}\nfi'

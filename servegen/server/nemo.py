@@ -8,15 +8,19 @@ mpi4py as NeMo's containers have it). Tensor parallel = GPUs per node, pipeline 
 as servegen's vLLM command does. Readiness: PUT /generate of a one-token request.
 
 Megatron-LM: tools/run_text_generation_server.py launched by torchrun, as Megatron-LM's
-examples/inference/run_text_generation_server_*.sh do (torchrun starts one process per GPU, and
-its --nnodes/--node_rank/--master_addr join the nodes), so one task per node. The architecture
+examples/inference/run_text_generation_server_*.sh did before they were removed (torchrun starts
+one process per GPU, and its --nnodes/--node_rank/--master_addr join the nodes), so one task per
+node. (Megatron-LM's README now points to examples/inference/launch_inference_server.py, an
+OpenAI-style server on its dynamic engine: not offered yet.) The architecture
 comes from the checkpoint (--use-checkpoint-args); tokenizer flags (--tokenizer-type,
 --tokenizer-model, ...) come from the user's --server_args. Readiness: PUT /api of a one-token
 request.
 
 Both scripts listen on 0.0.0.0 whatever --server_host says (they have no host setting) and are
 looked up where NVIDIA's containers keep them, $SERVEGEN_NEMO_DIR=/opt/NeMo and
-$SERVEGEN_MEGATRON_DIR=/opt/Megatron-LM unless set otherwise. GPU only. Neither was run here
+$SERVEGEN_MEGATRON_DIR=/opt/Megatron-LM unless set otherwise; a script that is not there fails
+the task with one line saying so (NeMo's is only in images from before NeMo removed its NLP
+collection in 2026, e.g. nemo:25.07). GPU only. Neither was run here
 (no GPU on these machines): golden-tested only.
 """
 
@@ -24,11 +28,28 @@ import json
 import re
 
 from servegen.errors import ServegenError
-from servegen.server.command import ServerCommand, ServerSpec, has_flag, join, parallel_sizes, with_defaults
+from servegen.server.command import (
+    ServerCommand,
+    ServerSpec,
+    has_flag,
+    join,
+    parallel_sizes,
+    require_file,
+    with_defaults,
+)
 
 NEMO_SCRIPT = '"$SERVEGEN_NEMO_DIR"/examples/nlp/language_modeling/megatron_gpt_eval.py'
 MEGATRON_SCRIPT = '"$SERVEGEN_MEGATRON_DIR"/tools/run_text_generation_server.py'
 MASTER_PORT = 6000  # the torch.distributed port of Megatron-LM's examples
+NEMO_MISSING = (
+    "$SERVEGEN_NEMO_DIR/examples/nlp/language_modeling/megatron_gpt_eval.py is not in this environment: "
+    "NeMo's text generation server exists only in NeMo images that still have the NLP collection "
+    "(NeMo removed it in 2026); use such an image (containers.nemo) or set SERVEGEN_NEMO_DIR to a NeMo checkout that has it"
+)
+MEGATRON_MISSING = (
+    "$SERVEGEN_MEGATRON_DIR/tools/run_text_generation_server.py is not in this environment; "
+    "set SERVEGEN_MEGATRON_DIR to the Megatron-LM checkout (or use an image, containers.megatron, that has it at /opt/Megatron-LM)"
+)
 # A path Hydra reads back as the same string without quotes.
 HYDRA_PLAIN = re.compile(r"[\w.:+@%/-]*/[\w.:+@%/-]*")
 
@@ -49,7 +70,7 @@ def build_command(spec: ServerSpec) -> ServerCommand:
     argv = ["python3", NEMO_SCRIPT]
     argv += [f"{key}={value}" for key, value in overrides if not has_flag(spec.args, *_hydra_names(key))]
     return ServerCommand(
-        script=join(argv + list(spec.args)),
+        script=require_file(NEMO_SCRIPT, NEMO_MISSING) + join(argv + list(spec.args)),
         env={"SERVEGEN_NEMO_DIR": "/opt/NeMo"},
         tasks_per_node=spec.gpus,
         health_path="/generate",
@@ -72,7 +93,7 @@ def build_megatron_command(spec: ServerSpec) -> ServerCommand:
     # Megatron's argument checks need a micro batch size even though nothing trains.
     argv += with_defaults(spec.args, [("--micro-batch-size", "1"), ("--port", str(spec.port))])
     return ServerCommand(
-        script=join(argv + list(spec.args)),
+        script=require_file(MEGATRON_SCRIPT, MEGATRON_MISSING) + join(argv + list(spec.args)),
         env={"SERVEGEN_MEGATRON_DIR": "/opt/Megatron-LM", "CUDA_DEVICE_MAX_CONNECTIONS": "1"},
         health_path="/api",
         health_method="PUT",

@@ -19,6 +19,8 @@ SHAPES = [(1, 1), (1, 8), (2, 1), (2, 8), (1, 0)]  # (nodes, GPUs per node); 0 G
 ENGINE_EXECUTABLES = ("python3", "ray", "vllm", "transformers", "trtllm-serve", "trtllm-llmapi-launch", "torchrun")
 ODD_MODEL = """/models/my "odd" model's dir $HOME;`x`"""
 ODD_ARG = "a b'c \"d\" $HOME"
+NEMO_SCRIPT = "NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py"
+MEGATRON_SCRIPT = "Megatron-LM/tools/run_text_generation_server.py"
 
 
 def spec(server_type: str, nodes: int = 1, gpus: int = 1, model: str = MODEL, args: tuple[str, ...] = ()) -> ServerSpec:
@@ -97,12 +99,20 @@ def run_script(tmp_path):
         (bin_dir / name).write_text(STUB)
         (bin_dir / name).chmod(0o755)
 
+    # NVIDIA's images keep NeMo and Megatron-LM in /opt; here, scripts of the same names under tmp
+    for folder in ("opt", "src"):
+        for script in (NEMO_SCRIPT, MEGATRON_SCRIPT):
+            (tmp_path / folder / script).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / folder / script).write_text("")
+
     def run(s: ServerSpec, rank: int = 0, **extra_env: str) -> list[list[str]]:
         command = build_server_command(s)
         log = tmp_path / f"calls-{rank}.log"
         log.unlink(missing_ok=True)
         env = {
             **command.env,
+            "SERVEGEN_NEMO_DIR": str(tmp_path / "opt" / "NeMo"),
+            "SERVEGEN_MEGATRON_DIR": str(tmp_path / "opt" / "Megatron-LM"),
             "PATH": f"{bin_dir}:/usr/bin:/bin",
             "HOME": "/home/nobody",
             "STUB_LOG": str(log),
@@ -161,12 +171,25 @@ def test_megatron_torchrun_joins_the_head_and_finds_the_script(run_script):
         assert argv[0] == "torchrun"
         assert argv[argv.index("--node_rank") + 1] == str(rank)
         assert argv[argv.index("--master_addr") + 1] == "head-node"
-        assert "/opt/Megatron-LM/tools/run_text_generation_server.py" in argv
+        assert any(a.endswith("/opt/" + MEGATRON_SCRIPT) for a in argv)
 
 
-def test_nemo_finds_its_script(run_script):
+def test_nemo_finds_its_script(run_script, tmp_path):
     argv = engine_call(run_script(spec("nemo", 2, 8), 1))
-    assert argv[:2] == ["python3", "/opt/NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py"]
+    assert argv[:2] == ["python3", str(tmp_path / "opt" / NEMO_SCRIPT)]
+
+
+@pytest.mark.parametrize("server_type, missing", [
+    ("nemo", "megatron_gpt_eval.py is not in this environment: NeMo's text generation server exists only in NeMo images"),
+    ("megatron", "tools/run_text_generation_server.py is not in this environment; set SERVEGEN_MEGATRON_DIR"),
+])
+def test_a_missing_server_script_fails_the_task_with_one_line(run_script, tmp_path, server_type, missing):
+    """A NeMo image without the NLP collection (removed from NeMo in 2026), or a Megatron-LM not
+    where it is looked for: one line saying so, not Python's 'can't open file'."""
+    with pytest.raises(AssertionError) as e:
+        run_script(spec(server_type, 1, 8), SERVEGEN_NEMO_DIR="/nowhere", SERVEGEN_MEGATRON_DIR="/nowhere")
+    lines = [line for line in str(e.value).splitlines() if line.startswith("servegen: ")]
+    assert len(lines) == 1 and missing in lines[0] and "/nowhere/" in lines[0]
 
 
 def test_vllm_head_and_worker(run_script):
@@ -313,12 +336,12 @@ def test_rest_probes_send_a_one_token_request(server_type, body_key):
     assert body[body_key] == ["ping"] and body["tokens_to_generate"] == 1
 
 
-def test_script_locations_follow_the_environment(run_script):
+def test_script_locations_follow_the_environment(run_script, tmp_path):
     assert build_server_command(spec("megatron")).env["SERVEGEN_MEGATRON_DIR"] == "/opt/Megatron-LM"
-    argv = engine_call(run_script(spec("megatron"), SERVEGEN_MEGATRON_DIR="/src/Megatron-LM"))
-    assert argv[3] == "/src/Megatron-LM/tools/run_text_generation_server.py"
-    argv = engine_call(run_script(spec("nemo"), SERVEGEN_NEMO_DIR="/src/NeMo"))
-    assert argv[1] == "/src/NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py"
+    argv = engine_call(run_script(spec("megatron"), SERVEGEN_MEGATRON_DIR=str(tmp_path / "src" / "Megatron-LM")))
+    assert argv[3] == str(tmp_path / "src" / MEGATRON_SCRIPT)
+    argv = engine_call(run_script(spec("nemo"), SERVEGEN_NEMO_DIR=str(tmp_path / "src" / "NeMo")))
+    assert argv[1] == str(tmp_path / "src" / NEMO_SCRIPT)
 
 
 @pytest.mark.parametrize("text, words", [
