@@ -15,10 +15,11 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "inference"))
+# tests/ and tests/inference, also for the stub processes that import this module outside pytest
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[1] / "inference")]
 
-from stub_server import StubServer  # noqa: E402
 from processes import as_a_shell_starts  # noqa: E402
+from stub_server import StubServer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 
