@@ -105,9 +105,9 @@ class ClusterConfig:
         if self.container_for(server_type) is None:
             return path
         for mount in sorted(self.mounts, key=lambda m: -len(m.target.rstrip("/"))):
-            target = mount.target.rstrip("/") or "/"
-            if path == target or path.startswith(target.rstrip("/") + "/"):
-                return mount.source.rstrip("/") + path[len(target.rstrip("/")):]
+            target = mount.target.rstrip("/")  # "" for a mount at /
+            if path == (target or "/") or path.startswith(target + "/"):
+                return mount.source.rstrip("/") + path[len(target):]
         return None
 
     def time_limit_minutes(self, partition: str | None = None) -> int | None:

@@ -50,6 +50,9 @@ def parse_time_limit(text: str, flag: str = "--time_limit") -> int:
         raise ServegenError(f"{flag} must be minutes or a Slurm time like 04:00:00, got {text!r}") from None
 
 
+PORT_SHOWN = 5000  # in a dry run, for the free port a job's server picks
+
+
 def add_resource_flags(parser: argparse.ArgumentParser) -> None:
     """CPUs and memory of a Slurm job; each wins over its key in the cluster config."""
     parser.add_argument("--cpus_per_task", type=int, help="CPUs of the job's one task per node (default: the config's cpus_per_task)")

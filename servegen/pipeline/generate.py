@@ -19,10 +19,9 @@ from servegen.errors import ServegenError
 from servegen.generation.config import GenerationConfig, build_config, parse_overrides, to_overrides
 from servegen.generation.job import Job, Unit, co_located_spec, forget_outputs, is_done, merge_finished, output_locks
 from servegen.generation.job import main as job_main  # what a local job's forked child runs
-from servegen.pipeline.common import add_resource_flags, add_server_flags, parse_time_limit, resources_from
+from servegen.pipeline.common import PORT_SHOWN, add_resource_flags, add_server_flags, parse_time_limit, resources_from
 from servegen.server.command import split_args
 
-PORT_SHOWN = 5000  # in a dry run, for the free port a job's server gets
 # sampling suited to drawing several independent answers; the user's ++inference.* still win
 SEED_SAMPLING = {"temperature": 0.7, "top_p": 0.95}
 

@@ -18,11 +18,12 @@ import sys
 import time
 from pathlib import Path
 
-from servegen.cluster.config import ClusterConfig, load_cluster_config
+from servegen.cluster.config import ClusterConfig, Resources, load_cluster_config
 from servegen.cluster.jobs import JobSpec
 from servegen.cluster.launch import job_launch, local_launch, start_server_here
 from servegen.errors import ServegenError, ServerError
 from servegen.pipeline.common import (
+    PORT_SHOWN,
     add_resource_flags,
     add_server_flags,
     parse_time_limit,
@@ -67,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
 def _start(argv: list[str] | None) -> int:
     args = parse_args(argv)
     cluster = load_cluster_config(args.cluster, args.config_dir)
-    resources_from(args, cluster)  # flags that a local run cannot use are refused before it starts
+    resources = resources_from(args, cluster)  # a local run refuses them before it starts
     if cluster.executor == "slurm" and not args.run_here:
-        return _submit(args, cluster)
+        return _submit(args, cluster, resources)
 
     host = args.server_host or ("0.0.0.0" if args.run_here else "127.0.0.1")
     spec = server_spec_from_flags(args, host=host, port=args.server_port or free_port())
@@ -110,12 +111,12 @@ def _start(argv: list[str] | None) -> int:
         server.stop()
 
 
-def _submit(args: argparse.Namespace, cluster: ClusterConfig) -> int:
+def _submit(args: argparse.Namespace, cluster: ClusterConfig, resources: Resources) -> int:
     from servegen.cluster import slurm
 
     log_dir = Path(args.log_dir).resolve()
     # flag mistakes fail here, not in the job; the probe tells when the server answers
-    spec = server_spec_from_flags(args, host=args.server_host or "0.0.0.0", port=args.server_port or 5000)
+    spec = server_spec_from_flags(args, host=args.server_host or "0.0.0.0", port=args.server_port or PORT_SHOWN)
     server = build_server_command(spec)
     command = [
         sys.executable, "-m", "servegen.pipeline.start_server", "--run_here",
@@ -130,11 +131,11 @@ def _submit(args: argparse.Namespace, cluster: ClusterConfig) -> int:
         name=args.expname, commands=[command], env=cluster.env_vars, log_dir=log_dir, nodes=args.server_nodes,
         gpus_per_node=args.server_gpus, partition=args.partition,
         time_limit_min=parse_time_limit(args.time_limit) if args.time_limit else None,
-        resources=resources_from(args, cluster),
+        resources=resources,
     )
     if args.dry_run:
         print(slurm.sbatch_text(job, cluster), end="")
-        note = "" if args.server_port else " (5000 stands for the free port it picks)"
+        note = "" if args.server_port else f" ({PORT_SHOWN} stands for the free port it picks)"
         print(f"# the job starts the server with{note}:")
         print(job_launch(spec, server, cluster, in_slurm=True, cpus_per_task=job.resources.cpus_per_task).shell())
         return 0

@@ -5,8 +5,9 @@ Multi-node commands read the variables the cluster layer sets on every task:
 SERVEGEN_NODE_RANK (0 on the head node), SERVEGEN_NUM_NODES, SERVEGEN_HEAD_HOST (the head node's
 address as the cluster names it, possibly a hostname), SERVEGEN_HEAD_IP (that address resolved
 to IPv4) and SERVEGEN_NODE_IP (this node's own IPv4 address on the route to the head: the one its
-peers reach it at; it differs per node, so it is found on each node, never configured). Engines that run one process per GPU (MPI, torch.distributed) say so with
-tasks_per_node; the cluster layer then starts that many tasks (mpirun locally, srun on Slurm).
+peers reach it at; it differs per node, so it is found on each node, never configured).
+Engines that run one process per GPU (MPI, torch.distributed) say so with tasks_per_node; the
+cluster layer then starts that many tasks (mpirun locally, srun on Slurm).
 """
 
 import json
