@@ -30,6 +30,9 @@ class JobFailed(ServegenError):
         self.code = code
 
 
+WHOLE_NODES_ENV = "SERVEGEN_WHOLE_NODES"  # "1" in a job that has its nodes to itself (--exclusive)
+
+
 @dataclass
 class JobSpec:
     """One job, or a job array with one command per task."""
@@ -45,6 +48,10 @@ class JobSpec:
     time_min: str | None = None  # sbatch --time-min: Slurm may shorten the limit down to this
     dependencies: list[str] = field(default_factory=list)  # job ids to run after (afterany)
     resources: Resources = Resources()  # CPUs, memory, whole nodes
+
+    def command_env(self) -> dict[str, str]:
+        """What each command runs with on top of the submitter's environment."""
+        return {**self.env, WHOLE_NODES_ENV: "1"} if self.resources.exclusive else dict(self.env)
 
 
 class JobCommand:
@@ -180,7 +187,7 @@ def shell_env(env: dict[str, str]) -> list[str]:
 
 
 def local_commands_text(job: JobSpec) -> str:
-    assigns = " ".join(shell_env(job.env))
+    assigns = " ".join(shell_env(job.command_env()))
     lines = [f"# job {job.name}: {len(job.commands)} command(s), run one after the other on this machine"]
     lines += [(assigns + " " if assigns else "") + shlex.join(argv) for argv in job.commands]
     return "\n".join(lines) + "\n"
@@ -192,7 +199,7 @@ def run_local(job: JobSpec, body: Callable[[list[str]], int] | None = None) -> N
     as a ForkedBody."""
     for argv in job.commands:
         print(f"servegen: running {shlex.join(argv)}", file=sys.stderr, flush=True)
-        command = JobCommand(argv, job.env, body=body)
+        command = JobCommand(argv, job.command_env(), body=body)
         try:
             command()
         except Interrupted as e:

@@ -10,11 +10,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from servegen.cluster.config import ClusterConfig
-from servegen.cluster.jobs import shell_env
+from servegen.cluster.jobs import WHOLE_NODES_ENV, shell_env
 from servegen.errors import ServegenError
 from servegen.server import build_server_command
 from servegen.server.command import ServerCommand, ServerSpec
-from servegen.server.process import ServerProcess
+from servegen.server.process import ServerProcess, free_ports
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ def container_env(env: dict[str, str], command: ServerCommand) -> list[str]:
     """Every variable servegen sets, by name, for pyxis to take from the host: without
     --container-env an image's own value of a variable it exports (HF_HOME, NCCL_*, VLLM_*)
     wins over ours. The caller's own values of the engine's defaults count too."""
-    names = set(env) | set(command.env) | {"SERVEGEN_HEAD_HOST", "SERVEGEN_NUM_NODES"}
+    names = set(env) | set(command.env) | set(command.head_ports) | {"SERVEGEN_HEAD_HOST", "SERVEGEN_NUM_NODES"}
     return [f"--container-env={','.join(sorted(names))}"]
 
 
@@ -75,7 +75,7 @@ def local_launch(spec: ServerSpec, command: ServerCommand, cluster: ClusterConfi
         argv.append("--gpus=all")
     for mount in cluster.mounts:
         argv += ["-v", mount.spec()]
-    for name in env:
+    for name in [*env, *command.head_ports]:
         argv += ["-e", name]  # by name: the value comes from docker's own environment, never the argv
     return Launch(argv=[*argv, image, *inner], env=env)
 
@@ -163,15 +163,24 @@ def job_launch(
     return local_launch(spec, command, cluster)
 
 
+def head_ports(command: ServerCommand) -> dict[str, str]:
+    """The values of the command's head_ports, here on its head node: the engine's defaults in a
+    job that has its nodes to itself, else ports free here now (on every address: other nodes
+    connect to them)."""
+    if os.environ.get(WHOLE_NODES_ENV) == "1":
+        return {name: str(default) for name, default in command.head_ports.items()}
+    return dict(zip(command.head_ports, map(str, free_ports(len(command.head_ports), "0.0.0.0"))))
+
+
 def start_server_here(
     spec: ServerSpec, cluster: ClusterConfig, log_path: Path, name: str, command: ServerCommand | None = None
 ) -> ServerProcess:
-    """Start a server from inside a job (see job_launch); the command is the engine's for `spec`
-    unless given. The caller waits for it to be ready."""
+    """Start a server from inside a job (see job_launch), on the job's head node; the command is
+    the engine's for `spec` unless given. The caller waits for it to be ready."""
     command = command or build_server_command(spec)
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     launch = job_launch(spec, command, cluster, in_slurm_job(), int(cpus) if cpus and cpus.isdigit() else None)
-    env = launch.full_env()
+    env = {**launch.full_env(), **head_ports(command)}
     if launch.argv[0] == "srun":
         env["SERVEGEN_NUM_NODES"] = str(spec.nodes)
         env["SERVEGEN_HEAD_HOST"] = head_node_address() if spec.nodes > 1 else "127.0.0.1"

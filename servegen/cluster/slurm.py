@@ -75,7 +75,7 @@ def sbatch_script(job: JobSpec, cluster: ClusterConfig) -> str:
 def sbatch_text(job: JobSpec, cluster: ClusterConfig) -> str:
     """What --dry_run prints: the sbatch script submitit writes, then what each task runs."""
     script = sbatch_script(job, cluster)
-    assigns = "".join(a + " " for a in shell_env(job.env))
+    assigns = "".join(a + " " for a in shell_env(job.command_env()))
     # the array index (SLURM_ARRAY_TASK_ID, %a in the log name), not the srun task (%t)
     name = (lambda i: f"array task {i}") if len(job.commands) > 1 else (lambda i: "the job")
     what = [f"# {name(i)} runs: {assigns}{shlex.join(argv)}" for i, argv in enumerate(job.commands)]
@@ -88,7 +88,8 @@ def submit(job: JobSpec, cluster: ClusterConfig) -> str:
     params = sbatch_parameters(job, cluster)
     executor.update_parameters(**params)
     # USR2 comes at least signal_delay_s before the limit: the body must have stopped by then
-    commands = [JobCommand(argv, job.env, stop_grace_s=params["signal_delay_s"] * 2 // 3) for argv in job.commands]
+    env = job.command_env()
+    commands = [JobCommand(argv, env, stop_grace_s=params["signal_delay_s"] * 2 // 3) for argv in job.commands]
     try:
         if len(commands) == 1:
             return executor.submit(commands[0]).job_id

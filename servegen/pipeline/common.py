@@ -6,7 +6,7 @@ import argparse
 from servegen.cluster.config import ClusterConfig, Resources, check_cpus, check_memory, parse_slurm_time
 from servegen.errors import ServegenError
 from servegen.server import SERVER_TYPES
-from servegen.server.command import ServerSpec, split_args
+from servegen.server.command import ServerCommand, ServerSpec, split_args
 
 
 def add_server_flags(parser: argparse.ArgumentParser, required: bool) -> None:
@@ -51,6 +51,15 @@ def parse_time_limit(text: str, flag: str = "--time_limit") -> int:
 
 
 PORT_SHOWN = 5000  # in a dry run, for the free port a job's server picks
+
+
+def head_ports_note(command: ServerCommand) -> str:
+    """A dry run's line on the ports the server's script reads from its head node ("" if none)."""
+    if not command.head_ports:
+        return ""
+    names = ", ".join(f"${name}" for name in command.head_ports)
+    defaults = ", ".join(map(str, command.head_ports.values()))
+    return f"# {names}: ports free on the head node, picked as the server starts ({defaults} in an --exclusive job)\n"
 
 
 def add_resource_flags(parser: argparse.ArgumentParser) -> None:

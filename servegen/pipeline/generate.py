@@ -19,7 +19,14 @@ from servegen.errors import ServegenError
 from servegen.generation.config import GenerationConfig, build_config, parse_overrides, to_overrides
 from servegen.generation.job import Job, Unit, co_located_spec, forget_outputs, is_done, merge_finished, output_locks
 from servegen.generation.job import main as job_main  # what a local job's forked child runs
-from servegen.pipeline.common import PORT_SHOWN, add_resource_flags, add_server_flags, parse_time_limit, resources_from
+from servegen.pipeline.common import (
+    PORT_SHOWN,
+    add_resource_flags,
+    add_server_flags,
+    head_ports_note,
+    parse_time_limit,
+    resources_from,
+)
 from servegen.server.command import split_args
 
 # sampling suited to drawing several independent answers; the user's ++inference.* still win
@@ -152,9 +159,11 @@ def _print_server_launch(cfg: GenerationConfig, cluster: ClusterConfig, in_slurm
     from servegen.server import build_server_command
 
     spec = co_located_spec(cfg.server, PORT_SHOWN)
-    launch = job_launch(spec, build_server_command(spec), cluster, in_slurm, cpus_per_task)
+    command = build_server_command(spec)
+    launch = job_launch(spec, command, cluster, in_slurm, cpus_per_task)
     print(f"# each job starts its server with ({PORT_SHOWN} stands for the free port it picks):")
     print(launch.shell())
+    print(head_ports_note(command), end="")
 
 
 def _follow_up(job: JobSpec, i: int) -> JobSpec:

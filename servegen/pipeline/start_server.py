@@ -26,6 +26,7 @@ from servegen.pipeline.common import (
     PORT_SHOWN,
     add_resource_flags,
     add_server_flags,
+    head_ports_note,
     parse_time_limit,
     resources_from,
     server_spec_from_flags,
@@ -80,6 +81,7 @@ def _start(argv: list[str] | None) -> int:
     if args.dry_run:
         print(f"# {spec.server_type} server on cluster '{cluster.name}' (local): {spec.gpus} GPUs, port {spec.port}")
         print(launch.shell())
+        print(head_ports_note(command), end="")
         print(f"# ready when {command.health_method} http://{_connect_host(host)}:{spec.port}{command.health_path}"
               " answers 200")
         return 0
@@ -138,6 +140,7 @@ def _submit(args: argparse.Namespace, cluster: ClusterConfig, resources: Resourc
         note = "" if args.server_port else f" ({PORT_SHOWN} stands for the free port it picks)"
         print(f"# the job starts the server with{note}:")
         print(job_launch(spec, server, cluster, in_slurm=True, cpus_per_task=job.resources.cpus_per_task).shell())
+        print(head_ports_note(server), end="")
         return 0
     job_id = slurm.submit(job, cluster)
     print(f"servegen: submitted Slurm job {job_id}; waiting for the server (job log {log_dir}/{job_id}_0_log.out)",

@@ -6,6 +6,10 @@ SERVEGEN_NODE_RANK (0 on the head node), SERVEGEN_NUM_NODES, SERVEGEN_HEAD_HOST 
 address as the cluster names it, possibly a hostname), SERVEGEN_HEAD_IP (that address resolved
 to IPv4) and SERVEGEN_NODE_IP (this node's own IPv4 address on the route to the head: the one its
 peers reach it at; it differs per node, so it is found on each node, never configured).
+A command that listens on fixed ports of the head node (the port the other nodes join at, Ray's
+client and dashboard ports) names them in head_ports and reads each as a variable: on nodes the
+job has to itself (--exclusive) the engine's documented default, else a port free there, chosen
+per job, so that two jobs sharing a node do not clash.
 Engines that run one process per GPU (MPI, torch.distributed) say so with tasks_per_node; the
 cluster layer then starts that many tasks (mpirun locally, srun on Slurm).
 """
@@ -48,6 +52,10 @@ class ServerCommand:
     health_path: str = "/health"
     health_method: str = "GET"
     health_body: str | None = None  # JSON body for probes that must send a request
+    head_ports: dict[str, int] = field(default_factory=dict)  # variable -> the engine's default port
+
+
+MASTER_PORT = "SERVEGEN_MASTER_PORT"  # head_ports' name for the port the other nodes join the head at
 
 
 def split_args(server_args: str | None) -> tuple[str, ...]:
@@ -100,11 +108,14 @@ JOIN_RETRY_S = 5  # a node that joins another retries this often ...
 JOIN_TRIES = 60  # ... this many times: 300 s, as vLLM's multi-node example waits
 
 
-def retried(command: str, what: str) -> str:
+def retried(command: str, what: str, give_up: tuple[str, str] | None = None) -> str:
     """A shell loop that runs `command` until it succeeds, JOIN_TRIES times at most, then fails
-    the task with one line saying `what` did not happen."""
+    the task with one line saying `what` did not happen; give_up: (a shell condition, a line):
+    fail at once with that line when the condition holds before a try (what the loop waits for
+    can no longer happen)."""
+    give_up = f'if {give_up[0]}; then echo "servegen: {give_up[1]}" >&2; exit 1; fi; ' if give_up else ""
     return (
-        f"for servegen_try in $(seq {JOIN_TRIES}); do {command} && break; "
+        f"for servegen_try in $(seq {JOIN_TRIES}); do {give_up}{command} && break; "
         f'if [ "$servegen_try" = {JOIN_TRIES} ]; then echo "servegen: {what} within {JOIN_TRIES * JOIN_RETRY_S} s" >&2; exit 1; fi; '
         f"sleep {JOIN_RETRY_S}; done"
     )

@@ -9,10 +9,11 @@ as servegen's vLLM command does. Readiness: PUT /generate of a one-token request
 
 Megatron-LM: tools/run_text_generation_server.py launched by torchrun, as Megatron-LM's
 examples/inference/run_text_generation_server_*.sh did before they were removed (torchrun starts
-one process per GPU, and its --nnodes/--node_rank/--master_addr join the nodes), so one task per
-node. (Megatron-LM's README now points to examples/inference/launch_inference_server.py, an
-OpenAI-style server on its dynamic engine: not offered yet.) The architecture
-comes from the checkpoint (--use-checkpoint-args); tokenizer flags (--tokenizer-type,
+one process per GPU, and its --nnodes/--node_rank/--master_addr/--master_port join the nodes), so
+one task per node; the master port is one of head_ports (NeMo's Lightning derives its own from
+the Slurm job id). (Megatron-LM's README now points to examples/inference/launch_inference_server.py,
+an OpenAI-style server on its dynamic engine: not offered yet.) The architecture comes from the
+checkpoint (--use-checkpoint-args); tokenizer flags (--tokenizer-type,
 --tokenizer-model, ...) come from the user's --server_args. Readiness: PUT /api of a one-token
 request.
 
@@ -29,6 +30,7 @@ import re
 
 from servegen.errors import ServegenError
 from servegen.server.command import (
+    MASTER_PORT,
     ServerCommand,
     ServerSpec,
     has_flag,
@@ -40,7 +42,7 @@ from servegen.server.command import (
 
 NEMO_SCRIPT = '"$SERVEGEN_NEMO_DIR"/examples/nlp/language_modeling/megatron_gpt_eval.py'
 MEGATRON_SCRIPT = '"$SERVEGEN_MEGATRON_DIR"/tools/run_text_generation_server.py'
-MASTER_PORT = 6000  # the torch.distributed port of Megatron-LM's examples
+MEGATRON_MASTER_PORT = 6000  # the torch.distributed port of Megatron-LM's examples
 NEMO_MISSING = (
     "$SERVEGEN_NEMO_DIR/examples/nlp/language_modeling/megatron_gpt_eval.py is not in this environment: "
     "NeMo's text generation server exists only in NeMo images that still have the NLP collection "
@@ -85,8 +87,8 @@ def build_megatron_command(spec: ServerSpec) -> ServerCommand:
     tp, pp = parallel_sizes(spec, tp_flags, pp_flags, spec.nodes)
     argv = ["torchrun", "--nproc_per_node", str(spec.gpus)]
     if spec.nodes > 1:
-        argv += ["--nnodes", str(spec.nodes), "--node_rank", "$SERVEGEN_NODE_RANK"]
-        argv += ["--master_addr", "$SERVEGEN_HEAD_HOST", "--master_port", str(MASTER_PORT)]
+        argv += ["--nnodes", str(spec.nodes), "--node_rank", "$SERVEGEN_NODE_RANK", "--master_addr", "$SERVEGEN_HEAD_HOST"]
+    argv += ["--master_port", f"${MASTER_PORT}"]  # on one node too: torchrun's default, 29500, is fixed
     argv += [MEGATRON_SCRIPT, "--load", spec.model, "--use-checkpoint-args"]
     argv += [] if has_flag(spec.args, *tp_flags) else [tp_flags[0], str(tp)]
     argv += [] if has_flag(spec.args, *pp_flags) else [pp_flags[0], str(pp)]
@@ -95,6 +97,7 @@ def build_megatron_command(spec: ServerSpec) -> ServerCommand:
     return ServerCommand(
         script=require_file(MEGATRON_SCRIPT, MEGATRON_MISSING) + join(argv + list(spec.args)),
         env={"SERVEGEN_MEGATRON_DIR": "/opt/Megatron-LM", "CUDA_DEVICE_MAX_CONNECTIONS": "1"},
+        head_ports={MASTER_PORT: MEGATRON_MASTER_PORT},
         health_path="/api",
         health_method="PUT",
         health_body=json.dumps({"prompts": ["ping"], "tokens_to_generate": 1}),

@@ -3,6 +3,7 @@ answers its readiness probe (or dies, or runs past a deadline), and stopped with
 started."""
 
 import collections
+import contextlib
 import ctypes
 import functools
 import os
@@ -36,9 +37,18 @@ def die_with_parent(parent: int) -> None:
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port nobody listens on right now (the OS picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` different ports nobody listens on right now (each held until all are picked)."""
+    with contextlib.ExitStack() as held:
+        ports = []
+        for _ in range(count):
+            s = held.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            s.bind((host, 0))
+            ports.append(s.getsockname()[1])
+        return ports
 
 
 def log_tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:

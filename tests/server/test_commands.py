@@ -40,6 +40,7 @@ def render(s: ServerSpec) -> str:
         + f"tasks_per_node: {c.tasks_per_node}" + (" (MPI ranks)" if c.mpi else "") + "\n"
         + f"probe: {c.health_method} {c.health_path}"
         + (f" {c.health_body}" if c.health_body is not None else "")
+        + "".join(f"\nhead port {k} (default {v})" for k, v in c.head_ports.items())
         + f"\nenv:\n{env}script:\n{c.script}\n"
     )
 
@@ -85,7 +86,14 @@ def test_script_is_valid_bash(s):
 # --- running the scripts with stub engines: what argv each engine really gets ---
 
 STUB = """#!/bin/bash
-{ printf '%s' "${0##*/}"; for a in "$@"; do printf '\\x1f%s' "$a"; done; printf '\\n'; } >> "$STUB_LOG"
+line=${0##*/}; for a in "$@"; do line+=$'\\x1f'"$a"; done; printf '%s\\n' "$line" >> "$STUB_LOG"  # one write
+"""
+# the stub, failing its first $FAIL_FIRST calls
+FAILING_STUB = STUB + """n=$(grep -c "^${0##*/}" "$STUB_LOG")
+[ "$n" -gt "$FAIL_FIRST" ]
+"""
+# `ray start --head --block &` stays up a while, out of the test's pipes (unless RAY_HEAD_EXITS)
+RAY_STUB = STUB + """case " $* " in *" --head "*) [ -n "$RAY_HEAD_EXITS" ] \\&\\& exit 1; exec >/dev/null 2>\\&1; /bin/sleep 5;; esac
 """
 
 
@@ -96,7 +104,7 @@ def run_script(tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     for name in ENGINE_EXECUTABLES:
-        (bin_dir / name).write_text(STUB)
+        (bin_dir / name).write_text(RAY_STUB if name == "ray" else STUB)
         (bin_dir / name).chmod(0o755)
 
     # NVIDIA's images keep NeMo and Megatron-LM in /opt; here, scripts of the same names under tmp
@@ -121,6 +129,7 @@ def run_script(tmp_path):
             "SERVEGEN_HEAD_HOST": "head-node",
             "SERVEGEN_HEAD_IP": "10.0.0.1",
             "SERVEGEN_NODE_IP": f"10.0.0.{rank + 1}",
+            **head_ports(command),
             **extra_env,
         }
         result = subprocess.run(["bash", "-c", command.script], env=env, capture_output=True, text=True, timeout=30)
@@ -130,8 +139,16 @@ def run_script(tmp_path):
     return run
 
 
+def head_ports(command) -> dict[str, str]:
+    """The command's head ports as a job would give them: here 40000, 40001, ... (never an
+    engine's default)."""
+    return {name: str(40000 + i) for i, name in enumerate(command.head_ports)}
+
+
 def engine_call(calls: list[list[str]]) -> list[str]:
-    """The last call: the engine's own (vLLM's head runs `ray start` and a wait loop first)."""
+    """The last call: the engine's own (vLLM's head runs `ray start` in the background, whose
+    line may come at any time, and a wait loop first)."""
+    calls = [c for c in calls if c[:3] != ["ray", "start", "--head"]]
     assert calls, "the script ran no engine"
     return calls[-1]
 
@@ -160,7 +177,7 @@ def test_sglang_nodes_join_the_head(run_script):
         argv = engine_call(run_script(spec("sglang", 2, 8), rank))
         assert argv[:3] == ["python3", "-m", "sglang.launch_server"]
         assert argv[argv.index("--node-rank") + 1] == str(rank)
-        assert argv[argv.index("--dist-init-addr") + 1] == "10.0.0.1:20000"
+        assert argv[argv.index("--dist-init-addr") + 1] == "10.0.0.1:40000"  # the job's port, not 20000
         assert argv[argv.index("--nnodes") + 1] == "2"
         assert argv[argv.index("--tp-size") + 1] == "16"
 
@@ -171,6 +188,7 @@ def test_megatron_torchrun_joins_the_head_and_finds_the_script(run_script):
         assert argv[0] == "torchrun"
         assert argv[argv.index("--node_rank") + 1] == str(rank)
         assert argv[argv.index("--master_addr") + 1] == "head-node"
+        assert argv[argv.index("--master_port") + 1] == "40000"  # the job's port, not 6000
         assert any(a.endswith("/opt/" + MEGATRON_SCRIPT) for a in argv)
 
 
@@ -192,21 +210,60 @@ def test_a_missing_server_script_fails_the_task_with_one_line(run_script, tmp_pa
     assert len(lines) == 1 and missing in lines[0] and "/nowhere/" in lines[0]
 
 
+RAY_NODE = ["--num-gpus=8", "--min-worker-port=0", "--max-worker-port=0", "--dashboard-agent-listen-port=0",
+            "--disable-usage-stats", "--block"]
+LISTENS = "import socket, sys; host, _, port"  # the check that the head's Ray listens
+
+
 def test_vllm_head_and_worker(run_script):
     head = run_script(spec("vllm", 2, 8), 0)
-    assert head[0] == ["ray", "start", "--head", "--port=6379", "--node-ip-address=10.0.0.1", "--num-gpus=8",
-                       "--disable-usage-stats"]
+    ray = [c for c in head if c[0] == "ray"]  # (in the background: its line may come later)
+    assert ray == [["ray", "start", "--head", "--port=40000", "--ray-client-server-port=40001",
+                    "--dashboard-port=40002", "--node-ip-address=10.0.0.1", *RAY_NODE]]
+    # it waits until the head listens and both nodes are alive in this job's Ray, then vLLM joins it
+    checks = [c for c in head if c[0] == "python3"]
+    assert [c[:2] for c in checks] == [["python3", "-c"]] * 2 and checks[0][2].startswith(LISTENS)
+    assert checks[0][3] == checks[1][3] == "10.0.0.1:40000" and "ray.init(address=sys.argv[1]" in checks[1][2]
+    assert [c for c in head if c[0] not in ("ray", "python3")] == [engine_call(head)]
     assert engine_call(head)[:3] == ["vllm", "serve", MODEL]
     worker = run_script(spec("vllm", 2, 8), 1)
-    assert worker == [["ray", "start", "--address=10.0.0.1:6379", "--node-ip-address=10.0.0.2", "--num-gpus=8",
-                       "--disable-usage-stats", "--block"]]
+    assert worker[0][:3] == ["python3", "-c", worker[0][2]] and worker[0][2].startswith(LISTENS)
+    assert worker[1:] == [["ray", "start", "--address=10.0.0.1:40000", "--node-ip-address=10.0.0.2", *RAY_NODE]]
     assert build_server_command(spec("vllm", 1, 0)).script.startswith("python3 -m vllm.entrypoints.openai.api_server ")
 
 
-# the stub, failing its first $FAIL_FIRST calls
-FAILING_STUB = STUB + """n=$(grep -c "^${0##*/}" "$STUB_LOG")
-[ "$n" -gt "$FAIL_FIRST" ]
-"""
+def test_vllm_head_gives_up_at_once_when_its_ray_exits(run_script, tmp_path):
+    """A head whose Ray exits (a port taken, say) is not waited for 300 s."""
+    bin_dir = tmp_path / "bin"
+    for name in ("python3", "sleep"):  # nodes never join; `sleep` takes no time
+        (bin_dir / name).write_text(FAILING_STUB if name == "python3" else STUB)
+    with pytest.raises(AssertionError) as e:
+        run_script(spec("vllm", 2, 8), 0, RAY_HEAD_EXITS="1", FAIL_FIRST="99")
+    assert "servegen: the head's Ray exited (its output is above)" in str(e.value)
+    assert "within 300 s" not in str(e.value)
+    calls = [line.split("\x1f")[0] for line in (tmp_path / "calls-0.log").read_text().splitlines()]
+    assert calls.count("sleep") < 10 and "vllm" not in calls
+
+
+def test_every_ray_start_parses_with_rays_own_parser(run_script):
+    """`ray start` as Ray's own click command reads it (Ray installed here): a misspelt or
+    removed flag fails; the ports are the job's, the node's own left to its OS."""
+    from ray.scripts.scripts import start
+
+    def parsed(call: list[str]) -> dict:
+        assert call[:2] == ["ray", "start"]
+        return start.make_context("start", call[2:]).params
+
+    head, worker = (parsed(next(c for c in run_script(spec("vllm", 2, 8), rank) if c[0] == "ray")) for rank in (0, 1))
+    assert (head["head"], head["port"], head["ray_client_server_port"], head["dashboard_port"]) == (True, 40000, 40001, 40002)
+    assert (worker["head"], worker["address"]) == (False, "10.0.0.1:40000")
+    for node, ip in ((head, "10.0.0.1"), (worker, "10.0.0.2")):
+        assert (node["node_ip_address"], node["num_gpus"], node["block"]) == (ip, 8, True)
+        assert (node["min_worker_port"], node["max_worker_port"], node["dashboard_agent_listen_port"]) == (0, 0, 0)
+    with pytest.raises(Exception, match="No such option"):
+        start.make_context("start", ["--head", "--dashbord-port=1"])
+
+
 
 
 @pytest.mark.parametrize("rank, fail_first, joined", [(1, 3, True), (1, 99, False), (0, 4, True), (0, 99, False)])
@@ -224,7 +281,8 @@ def test_vllm_nodes_retry_joining_for_300_s_then_fail_in_one_line(run_script, tm
             run_script(spec("vllm", 2, 8), rank, FAIL_FIRST=str(fail_first))
         return
     calls = run_script(spec("vllm", 2, 8), rank, FAIL_FIRST=str(fail_first))
-    assert [c[0] for c in calls].count(failing) == fail_first + 1
+    # the head's check: a try that gets through runs two (does the head listen, are both alive)
+    assert [c[0] for c in calls].count(failing) == fail_first + 1 + (rank == 0)
     assert [c for c in calls if c[0] == "sleep"] == [["sleep", "5"]] * fail_first
     if rank == 0:
         assert engine_call(calls)[:2] == ["vllm", "serve"]
@@ -338,7 +396,7 @@ def test_rest_probes_send_a_one_token_request(server_type, body_key):
 def test_script_locations_follow_the_environment(run_script, tmp_path):
     assert build_server_command(spec("megatron")).env["SERVEGEN_MEGATRON_DIR"] == "/opt/Megatron-LM"
     argv = engine_call(run_script(spec("megatron"), SERVEGEN_MEGATRON_DIR=str(tmp_path / "src" / "Megatron-LM")))
-    assert argv[3] == str(tmp_path / "src" / MEGATRON_SCRIPT)
+    assert argv[5] == str(tmp_path / "src" / MEGATRON_SCRIPT)
     argv = engine_call(run_script(spec("nemo"), SERVEGEN_NEMO_DIR=str(tmp_path / "src" / "NeMo")))
     assert argv[1] == str(tmp_path / "src" / NEMO_SCRIPT)
 
