@@ -17,9 +17,12 @@ from typing import Callable
 from servegen.cluster.config import Resources
 from servegen.cli import INTERRUPTED_EXIT_CODE, STOP_SIGNALS, Interrupted, exit_on_signals
 from servegen.errors import ServegenError
+from servegen.server.process import STOP_GRACE_S as SERVER_STOP_GRACE_S
 from servegen.server.process import die_with_parent
 
-STOP_GRACE_S = 60  # the body stops its server and closes its files on SIGTERM
+# A job body given SIGTERM stops its server (which has SERVER_STOP_GRACE_S to end), then closes
+# its files: it gets three times that before SIGKILL.
+BODY_STOP_GRACE_S = 3 * SERVER_STOP_GRACE_S
 
 
 class JobFailed(ServegenError):
@@ -61,7 +64,7 @@ class JobCommand:
     submitit only looks for the checkpoint method, and a local run would import submitit for
     nothing (60 ms of every job's start-up)."""
 
-    def __init__(self, argv: list[str], env: dict[str, str], stop_grace_s: float = STOP_GRACE_S,
+    def __init__(self, argv: list[str], env: dict[str, str], stop_grace_s: float = BODY_STOP_GRACE_S,
                  body: Callable[[list[str]], int] | None = None):
         self.argv = list(argv)
         self.env = dict(env)

@@ -4,13 +4,12 @@ additions of two numbers in 0..99 in Llama 3's chat format. No model hub needed;
 
 import argparse
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from servegen.cli import run_main
 from servegen.demo_model.build import build, model_path, stderr_log
 from servegen.demo_model.recipe import Recipe
-from servegen.errors import ServegenError
 
 __all__ = ["Recipe", "build_demo_model", "demo_model_path", "main"]
 
@@ -35,6 +34,10 @@ def build_demo_model(
 
 
 def main(argv: list[str] | None = None) -> int:
+    return run_main(_build, argv)
+
+
+def _build(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(
         prog="servegen demo-model",
         description="Build the demo model (if not cached) and print its folder.",
@@ -42,10 +45,5 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache_dir", help="cache folder (default: $SERVEGEN_CACHE_DIR or ~/.cache/servegen)")
     parser.add_argument("--force", action="store_true", help="rebuild even if cached")
     args = parser.parse_args(argv)
-    try:
-        path = build_demo_model(args.cache_dir, force=args.force)
-    except ServegenError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(path)
+    print(build_demo_model(args.cache_dir, force=args.force))
     return 0

@@ -16,7 +16,8 @@ from pathlib import Path
 from servegen.cluster.config import ClusterConfig, load_cluster_config
 from servegen.cluster.jobs import JobFailed, JobSpec, local_commands_text, run_local
 from servegen.errors import ServegenError
-from servegen.generation.config import GenerationConfig, build_config, parse_overrides, to_overrides
+from servegen.generation.config import GenerationConfig, build_config, to_overrides
+from servegen.overrides import parse_overrides
 from servegen.generation.job import Job, Unit, co_located_spec, forget_outputs, is_done, merge_finished, output_locks
 from servegen.generation.job import main as job_main  # what a local job's forked child runs
 from servegen.pipeline.common import (

@@ -32,7 +32,8 @@ from servegen.pipeline.common import (
     server_spec_from_flags,
 )
 from servegen.server import build_server_command
-from servegen.server.process import DEFAULT_READY_TIMEOUT_S, LOG_TAIL_LINES, free_port, log_tail, probe
+from servegen.server.command import DEFAULT_READY_TIMEOUT_S
+from servegen.server.process import LOG_TAIL_LINES, free_port, log_tail, probe
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -55,6 +55,7 @@ class ServerCommand:
     head_ports: dict[str, int] = field(default_factory=dict)  # variable -> the engine's default port
 
 
+DEFAULT_READY_TIMEOUT_S = 30 * 60  # how long a server may take to answer its probe: big models on shared filesystems load slowly
 MASTER_PORT = "SERVEGEN_MASTER_PORT"  # head_ports' name for the port the other nodes join the head at
 
 

@@ -26,9 +26,9 @@ collection in 2026, e.g. nemo:25.07). GPU only. Neither was run here
 """
 
 import json
-import re
 
 from servegen.errors import ServegenError
+from servegen.overrides import hydra_value
 from servegen.server.command import (
     MASTER_PORT,
     ServerCommand,
@@ -52,8 +52,6 @@ MEGATRON_MISSING = (
     "$SERVEGEN_MEGATRON_DIR/tools/run_text_generation_server.py is not in this environment; "
     "set SERVEGEN_MEGATRON_DIR to the Megatron-LM checkout (or use an image, containers.megatron, that has it at /opt/Megatron-LM)"
 )
-# A path Hydra reads back as the same string without quotes.
-HYDRA_PLAIN = re.compile(r"[\w.:+@%/-]*/[\w.:+@%/-]*")
 
 
 def build_command(spec: ServerSpec) -> ServerCommand:
@@ -61,7 +59,7 @@ def build_command(spec: ServerSpec) -> ServerCommand:
     tp_keys, pp_keys = _hydra_names("tensor_model_parallel_size"), _hydra_names("pipeline_model_parallel_size")
     tp, pp = parallel_sizes(spec, tp_keys, pp_keys, spec.nodes)
     overrides = [
-        ("gpt_model_file", _hydra_value(spec.model)),
+        ("gpt_model_file", hydra_value(spec.model)),
         ("trainer.devices", str(spec.gpus)),
         ("trainer.num_nodes", str(spec.nodes)),
         ("tensor_model_parallel_size", str(tp)),
@@ -114,13 +112,3 @@ def _need_gpus(spec: ServerSpec) -> None:
 def _hydra_names(key: str) -> tuple[str, ...]:
     """A Hydra key as the user may override it: key=v, +key=v (add) or ++key=v (add or override)."""
     return key, "+" + key, "++" + key
-
-
-def _hydra_value(value: str) -> str:
-    """A string as a Hydra override value: plain paths as they are, anything else single-quoted,
-    escaping quotes and the backslashes before a quote or at the end (Hydra 1.1+ grammar)."""
-    if HYDRA_PLAIN.fullmatch(value):
-        return value
-    escaped = re.sub(r"(\\*)'", lambda m: m.group(1) * 2 + "\\'", value)
-    escaped = re.sub(r"(\\+)$", lambda m: m.group(1) * 2, escaped)
-    return f"'{escaped}'"

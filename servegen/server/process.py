@@ -18,8 +18,8 @@ from pathlib import Path
 import psutil
 
 from servegen.errors import ServerError
+from servegen.server.command import DEFAULT_READY_TIMEOUT_S
 
-DEFAULT_READY_TIMEOUT_S = 30 * 60  # big models on shared filesystems load slowly
 STOP_GRACE_S = 20.0
 KILL_WAIT_S = 10.0  # a SIGKILLed process in uninterruptible I/O can take a moment to go
 LOG_TAIL_LINES = 50

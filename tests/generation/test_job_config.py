@@ -9,7 +9,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException
 
 from servegen.errors import ConfigError
-from servegen.generation.config import _parse_plain, build_config, to_overrides
+from servegen.generation.config import build_config, to_overrides
+from servegen.overrides import _parse_plain
 
 # what servegen writes into job commands and what users typically type: read without Hydra
 PLAIN = [
