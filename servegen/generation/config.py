@@ -9,19 +9,16 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from servegen.errors import ConfigError
+from servegen.inference.params import Sampling
 from servegen.overrides import hydra_value, parse_overrides
 from servegen.server.command import DEFAULT_READY_TIMEOUT_S
 
 
 @dataclass
-class InferenceConfig:
-    tokens_to_generate: int = 512
-    temperature: float = 0.0
-    top_p: float = 0.95
-    top_k: int = -1
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
-    random_seed: int | None = None
+class InferenceConfig(Sampling):
+    """The sampling parameters (declared in servegen.inference.params.Sampling), then the client's
+    options."""
+
     timeout: float | None = None  # seconds per request attempt; None: the client's default
     # a request that fails (connection error, timeout, 429, 5xx) is retried this many times,
     # waiting retry_backoff * 2**attempt s (at most max_backoff) in between; then it fails for good

@@ -648,8 +648,8 @@ class Client:
         self,
         prompts: list,
         tokens_to_generate: int | list = 512,
-        temperature: float | list = 0.0,
-        top_p: float | list = 1.0,
+        temperature: float | None | list = None,
+        top_p: float | None | list = None,
         top_k: int | list = -1,
         min_p: float | list = 0.0,
         repetition_penalty: float | list = 1.0,
@@ -668,6 +668,8 @@ class Client:
         prompts: strings (sent as is to /v1/completions, special tokens included) or chat
         conversations (lists of {"role", "content"} dicts, sent to /v1/chat/completions).
         Every parameter is a scalar for all prompts or a list with one value per prompt.
+        The sampling parameters are servegen.inference.params.Sampling's (defaults, rules):
+        temperature and top_p unset are greedy, or 0.7 and 0.95 with a random_seed.
         top_k -1 or 0: off. stop_phrases: the generation ends before the first one (after it
         with remove_stop_phrases=False). timeout: seconds per attempt (default: the client's).
         top_logprobs: k adds `tokens`, `logprobs` (and `top_logprobs` when k > 0) to each row.

@@ -7,24 +7,54 @@ one set of phrases for every prompt; per prompt, pass a list of lists), and `out
 `json_schema` / `extra_body` (a dict or a class is for every prompt; a list of them is per prompt).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from numbers import Real
 from typing import Any
 
 from servegen.errors import ServegenError
 from servegen.inference.typed import OutputSpec, output_spec
 
+# temperature and top_p left unset: greedy, the engines' own defaults; with a random_seed,
+# NeMo-Skills' sampling for independent answers (its top_k, -1, is the default anyway).
+GREEDY = {"temperature": 0.0, "top_p": 1.0}
+RANDOM_SEED_SAMPLING = {"temperature": 0.7, "top_p": 0.95}
+
+
+def _setting(default: Any, rule: str, doc: str):
+    return field(default=default, metadata={"rule": rule, "doc": doc})
+
+
+@dataclass
+class Sampling:
+    """The sampling parameters, declared once: type, default, rule and meaning. `Client.generate`
+    takes them (its signature's defaults are held equal to these by a test), a generation job's
+    `inference` config is this plus the client's options, and the docs' tables
+    (docs/clients.md, docs/generation.md) are held equal to it."""
+
+    tokens_to_generate: int = _setting(512, "an integer >= 1", "most tokens to generate")
+    temperature: float | None = _setting(
+        None, "a number >= 0", "0 is greedy; unset: 0.0, or 0.7 with a random_seed")
+    top_p: float | None = _setting(
+        None, "a number in (0, 1]", "nucleus sampling; unset: 1.0, or 0.95 with a random_seed")
+    top_k: int = _setting(-1, "-1 or 0 (off) or an integer >= 1", "the k most likely tokens; -1 or 0: off")
+    min_p: float = _setting(0.0, "a number in [0, 1]", "tokens less likely than min_p x the most likely one are left out")
+    repetition_penalty: float = _setting(1.0, "a number > 0", "1.0: off")
+    random_seed: int | None = _setting(None, "an integer or None", "the request's seed (the same seed, the same sample)")
+
+
+SAMPLING = {f.name: f for f in fields(Sampling)}
+
 
 @dataclass(frozen=True, slots=True)
 class Params:
-    """What one request asks for, checked and normalised."""
+    """What one request asks for, checked and normalised (unset sampling resolved)."""
 
-    tokens_to_generate: int = 512
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0  # 0: off (the API takes -1 too)
-    min_p: float = 0.0
-    repetition_penalty: float = 1.0
+    tokens_to_generate: int = SAMPLING["tokens_to_generate"].default
+    temperature: float = GREEDY["temperature"]
+    top_p: float = GREEDY["top_p"]
+    top_k: int = 0  # off; the declared -1 means the same
+    min_p: float = SAMPLING["min_p"].default
+    repetition_penalty: float = SAMPLING["repetition_penalty"].default
     random_seed: int | None = None
     stop_phrases: tuple[str, ...] = ()
     remove_stop_phrases: bool = True
@@ -35,8 +65,8 @@ class Params:
 
 
 NAMES = (
-    "tokens_to_generate", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "random_seed",
-    "stop_phrases", "remove_stop_phrases", "timeout", "top_logprobs", "output_type", "json_schema", "extra_body",
+    *SAMPLING, "stop_phrases", "remove_stop_phrases", "timeout", "top_logprobs", "output_type", "json_schema",
+    "extra_body",
 )  # fmt: skip
 _DICT_VALUED = ("output_type", "json_schema", "extra_body")
 
@@ -47,22 +77,26 @@ def _number(name: str, v: Any, ok, rule: str, integer: bool = False):
     return v if integer else float(v)
 
 
+# what each sampling rule of `Sampling` means, as a test (and whether it takes integers only)
+_SAMPLING_OK = {
+    "tokens_to_generate": (lambda x: x >= 1, True),
+    "temperature": (lambda x: x >= 0, False),
+    "top_p": (lambda x: 0 < x <= 1, False),
+    "top_k": (lambda x: x >= -1, True),
+    "min_p": (lambda x: 0 <= x <= 1, False),
+    "repetition_penalty": (lambda x: x > 0, False),
+    "random_seed": (lambda x: True, True),
+}
+
+
 def check(name: str, v: Any) -> Any:
     """One value of one parameter, normalised; ServegenError names the parameter and the rule."""
-    if name == "tokens_to_generate":
-        return _number(name, v, lambda x: x >= 1, "an integer >= 1", integer=True)
-    if name == "temperature":
-        return _number(name, v, lambda x: x >= 0, "a number >= 0")
-    if name == "top_p":
-        return _number(name, v, lambda x: 0 < x <= 1, "a number in (0, 1]")
-    if name == "top_k":
-        return max(_number(name, v, lambda x: x >= -1, "-1 or 0 (off) or an integer >= 1", integer=True), 0)
-    if name == "min_p":
-        return _number(name, v, lambda x: 0 <= x <= 1, "a number in [0, 1]")
-    if name == "repetition_penalty":
-        return _number(name, v, lambda x: x > 0, "a number > 0")
-    if name == "random_seed":
-        return None if v is None else _number(name, v, lambda x: True, "an integer or None", integer=True)
+    if name in _SAMPLING_OK:
+        if v is None and SAMPLING[name].default is None:
+            return None  # unset (resolved per prompt)
+        ok, integer = _SAMPLING_OK[name]
+        v = _number(name, v, ok, SAMPLING[name].metadata["rule"], integer=integer)
+        return max(v, 0) if name == "top_k" else v
     if name == "stop_phrases":
         phrases = (v,) if isinstance(v, str) else tuple(v or ())
         if not all(isinstance(p, str) and p for p in phrases):
@@ -154,4 +188,8 @@ class Plan:
     def _make(values: dict[str, Any]) -> Params:
         values = dict(values)
         spec = output_spec(values.pop("output_type", None), values.pop("json_schema", None))
+        unset = RANDOM_SEED_SAMPLING if values.get("random_seed") is not None else GREEDY
+        for name, default in unset.items():
+            if values.get(name) is None:
+                values[name] = default
         return Params(spec=spec, **values)

@@ -30,14 +30,25 @@ from servegen.pipeline.common import (
 )
 from servegen.server.command import split_args
 
-# sampling suited to drawing several independent answers; the user's ++inference.* still win
-SEED_SAMPLING = {"temperature": 0.7, "top_p": 0.95}
+
+
+def _sampling_help() -> str:
+    """The sampling overrides, from their one declaration; the rest: docs/generation.md."""
+    from servegen.inference.params import SAMPLING
+
+    lines = ["sampling (++inference.<name>=<value>):"]
+    for name, setting in SAMPLING.items():
+        default = "unset" if setting.default is None else setting.default
+        lines.append(f"  {name} (default {default}): {setting.metadata['doc']}")
+    return "\n".join(lines + ["every other key of the job config: docs/generation.md"])
 
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(
         prog="servegen generate",
         description="Generate over a JSONL dataset; ++key=value arguments change the job config.",
+        epilog=_sampling_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--cluster", default="local", help="cluster config name or path (default: local)")
     parser.add_argument("--config_dir", help="folder to look for cluster configs in first")
@@ -227,11 +238,6 @@ def _job_config(args, cluster: ClusterConfig, seeds: list[int] | None, overrides
     cfg.random_seeds = seeds
     cfg.log_dir = str(_abs(args.log_dir or Path(args.output_dir) / "logs"))
     cfg = build_config(overrides, base=cfg)
-    if cfg.random_seeds:
-        given = {key for key, _ in parse_overrides(overrides)}
-        for key, value in SEED_SAMPLING.items():
-            if f"inference.{key}" not in given:
-                setattr(cfg.inference, key, value)
     if not Path(cfg.input_file).is_file():
         raise ServegenError(f"--input_file {args.input_file} does not exist")
     return cfg

@@ -232,7 +232,8 @@ def test_seeds_write_one_file_each_with_sampling_defaults(stub, tmp_path):
 
     stub.reset()
     run_generate(data, tmp_path / "out4", address=stub.base_url)  # no seeds: greedy, no seed sent
-    assert {(b.get("seed"), b["temperature"]) for b in stub.bodies} == {(None, 0.0)}
+    # top_p 1.0 as the Python API sends it (the job used to send 0.95)
+    assert {(b.get("seed"), b["temperature"], b["top_p"]) for b in stub.bodies} == {(None, 0.0, 1.0)}
 
 
 def test_a_finished_job_sends_nothing_and_rerun_done_runs_it_again(stub, tmp_path):

@@ -1,11 +1,17 @@
 """Parameters: scalars or per-prompt lists, checked before anything is sent, with messages that
 name the parameter (and the prompt) to fix."""
 
+import inspect
+import re
+from dataclasses import fields
+from pathlib import Path
+
 import pytest
 
 from servegen.errors import ServegenError
-from servegen.inference import get_model
-from servegen.inference.params import Plan
+from servegen.generation.config import InferenceConfig
+from servegen.inference import Client, get_model
+from servegen.inference.params import GREEDY, SAMPLING, Plan
 
 
 def test_scalars_are_shared_by_every_prompt():
@@ -109,3 +115,54 @@ def test_where_get_model_points():
     nim = get_model("openai", base_url="https://integrate.api.nvidia.com/v1/", api_key="k")
     assert nim.base_url == "https://integrate.api.nvidia.com"
     assert get_model("openai", host="127.0.0.1", port=8000).base_url == "http://127.0.0.1:8000"
+
+
+# --- the sampling parameters, declared once (servegen.inference.params.Sampling) ---
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def doc_table(path: Path, first_cell: str) -> dict[str, list[str]]:
+    """{name: the other cells} of the markdown table rows whose first cell is `first_cell` % name."""
+    rows = {}
+    for line in path.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        m = re.fullmatch(first_cell, cells[0]) if line.startswith("|") else None
+        if m:
+            rows[m.group(1)] = cells[1:]
+    return rows
+
+
+def test_generate_takes_the_declared_sampling_parameters_with_their_defaults():
+    signature = inspect.signature(Client.generate).parameters
+    for name, setting in SAMPLING.items():
+        assert signature[name].default == setting.default, name
+    # the job's inference config is the declaration, then the client's options
+    assert [f.name for f in fields(InferenceConfig)][: len(SAMPLING)] == list(SAMPLING)
+
+
+def test_the_docs_tables_are_the_declaration():
+    clients = doc_table(REPO / "docs" / "clients.md", r"`(\w+)`")
+    job = doc_table(REPO / "docs" / "generation.md", r"`inference\.(\w+)`")
+    for name, setting in SAMPLING.items():
+        default, rule, doc = setting.default, setting.metadata["rule"], setting.metadata["doc"]
+        if name in GREEDY:  # unset
+            assert clients[name][:1] == ["unset (`None`)"], name
+        else:
+            assert clients[name][:1] == [f"`{default!r}`" if default is not None else "`None`"], name
+        assert clients[name][1:] == [rule, doc], name
+        assert job[name] == [f"`{default!r}`" if default is not None else "`null`", doc], name
+
+
+def test_unset_temperature_and_top_p_are_greedy_or_with_a_seed_nemo_skills_sampling():
+    assert (Plan(1, {}).params(0).temperature, Plan(1, {}).params(0).top_p) == (0.0, 1.0)
+    seeded = Plan(1, {"random_seed": 3}).params(0)
+    assert (seeded.temperature, seeded.top_p, seeded.top_k) == (0.7, 0.95, 0)
+    given = Plan(1, {"random_seed": 3, "temperature": 0.0}).params(0)
+    assert (given.temperature, given.top_p) == (0.0, 0.95)  # each given value wins on its own
+    per_prompt = Plan(2, {"random_seed": [None, 5]})
+    assert [(per_prompt.params(i).temperature, per_prompt.params(i).top_p) for i in (0, 1)] == [(0.0, 1.0), (0.7, 0.95)]
+    _, item = Plan(None, {}).for_item({"prompt": "x", "random_seed": 1})
+    assert (item.temperature, item.top_p) == (0.7, 0.95)
+    with pytest.raises(ServegenError, match=r"top_p must be a number in \(0, 1\], got 0"):
+        Plan(1, {"top_p": 0})
