@@ -87,9 +87,8 @@ class JobCommand:
                                     preexec_fn=functools.partial(_child_setup, os.getpid()))
         else:
             proc = ForkedBody(self.body, self.argv, self.env)
-        self._proc = proc
+        self._proc = proc  # kept once it ends: a stop signal just after still learns its exit code
         code = _wait(proc)
-        self._proc = None
         if code != 0:
             raise JobFailed(code, self.argv)
         return code
@@ -101,7 +100,8 @@ class JobCommand:
         return DelayedSubmission(self, *args, **kwargs)  # the same command, run again
 
     def stop(self) -> int | None:
-        """SIGTERM to the command, SIGKILL after the grace period; its exit code (None: not running)."""
+        """SIGTERM to the command if it runs, SIGKILL after the grace period; its exit code (None: never
+        started, or stopped already)."""
         proc, self._proc = self._proc, None
         if proc is None:
             return None

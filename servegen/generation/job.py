@@ -12,15 +12,11 @@ if __name__ == "__main__":
     exit_on_signals()  # a signal while the imports below run ends us at once: nothing has started yet
 
 import asyncio
-import bisect
 import contextlib
-import json
-import math
 import sys
 import time
 import urllib.parse
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
@@ -28,8 +24,17 @@ from tqdm import tqdm
 from servegen.cluster.config import load_cluster_config
 from servegen.errors import ServegenError, ServerError
 from servegen.generation.config import GenerationConfig, ServerConfig, build_config
-from servegen.generation.files import OrderedWriter, count_rows, done_marker, merge_chunks, merge_lock, read_rows
-from servegen.generation.lock import OutputLocks
+from servegen.generation.files import OrderedWriter, count_rows, done_marker, read_rows
+from servegen.generation.outputs import (
+    Unit,
+    forget_outputs,
+    merge_finished,
+    merge_if_complete,
+    output_done,
+    output_locks,
+    units_of,
+)
+from servegen.generation.summary import RunStats, write_summary
 from servegen.inference import CLIENTS, RESULT_FIELDS, InferenceError, ModelUnknown, get_model
 from servegen.inference.client import new_event_loop
 from servegen.inference.http import FastTransport, TransportError, connects
@@ -62,105 +67,8 @@ WATCH_INTERVAL_S = 0.5
 PROBES_PER_HANG_TIMEOUT = 4
 PROBE_EVERY_S = 10.0
 PROBE_TIMEOUT_S = 5.0
-# Latency histogram buckets (seconds, log-spaced from 1 ms to ~3 h): percentiles that chunks can merge.
-BUCKETS = [10 ** (-3 + i / 25) for i in range(176)]
-
-
 class ServerDied(Exception):
     pass
-
-
-@dataclass(frozen=True)
-class Unit:
-    """One output file of the job: a random seed (or none) and a chunk (or the whole dataset)."""
-
-    seed: int | None
-    chunk: int | None
-    num_chunks: int
-
-    def final_name(self) -> str:
-        return "output" + (f"-rs{self.seed}" if self.seed is not None else "") + ".jsonl"
-
-    def file_name(self) -> str:
-        if self.chunk is None:
-            return self.final_name()
-        return self.final_name().replace(".jsonl", f"_chunk{self.chunk}.jsonl")
-
-    def rows(self, total: int) -> tuple[int, int]:
-        """The contiguous rows [start, stop) of this chunk."""
-        if self.chunk is None:
-            return 0, total
-        return self.chunk * total // self.num_chunks, (self.chunk + 1) * total // self.num_chunks
-
-
-def units_of(cfg: GenerationConfig) -> list[Unit]:
-    if cfg.num_chunks < 1:
-        raise ServegenError(f"--num_chunks must be 1 or more, got {cfg.num_chunks}")
-    chunks: list[int | None] = [None]
-    if cfg.num_chunks > 1:
-        # each once: two Slurm tasks writing one file would interleave their rows
-        chunks = list(range(cfg.num_chunks)) if cfg.chunk_ids is None else list(dict.fromkeys(cfg.chunk_ids))
-        bad = [c for c in chunks if not 0 <= c < cfg.num_chunks]
-        if bad:
-            raise ServegenError(f"--chunk_ids {bad} are outside 0..{cfg.num_chunks - 1} (--num_chunks {cfg.num_chunks})")
-    elif cfg.chunk_ids not in (None, [0]):
-        raise ServegenError("--chunk_ids needs --num_chunks 2 or more")
-    seeds = list(dict.fromkeys(cfg.random_seeds)) if cfg.random_seeds is not None else [None]
-    if not seeds:
-        raise ServegenError("++random_seeds is empty; give at least one seed (--random_seeds), or null for output.jsonl")
-    return [Unit(seed, chunk, cfg.num_chunks) for seed in seeds for chunk in chunks]
-
-
-def summary_path(output: Path) -> Path:
-    return output.with_name(output.name.removesuffix(".jsonl") + ".summary.json")
-
-
-def is_done(out_dir: Path, unit: Unit) -> bool:
-    """A chunk is done when its part is, or when the parts were already merged."""
-    return done_marker(out_dir / unit.file_name()).exists() or done_marker(out_dir / unit.final_name()).exists()
-
-
-def merge_if_complete(out_dir: Path, unit: Unit) -> None:
-    """Merge the chunks of this unit's output if every one is done (the last to finish does it)."""
-    final = out_dir / unit.final_name()
-    parts = [out_dir / Unit(unit.seed, c, unit.num_chunks).file_name() for c in range(unit.num_chunks)]
-    part_summaries = [summary_path(p) for p in parts]
-    # the parts' summaries go only after the merged .done: a merge cut short is done again from them
-    if merge_chunks(final, parts, before_done=lambda: merge_summaries(summary_path(final), part_summaries),
-                    with_parts=part_summaries):
-        print(f"servegen: merged {len(parts)} chunks into {final}", file=sys.stderr, flush=True)
-
-
-def merge_finished(out_dir: Path, units: list[Unit]) -> None:
-    """Merge outputs whose chunks are all done but were never merged (a run killed between its
-    last chunk's .done and the merge), and finish the clean-up of a merge killed in it."""
-    for unit in units:
-        if unit.chunk is None or not is_done(out_dir, unit):
-            continue
-        part, final = out_dir / unit.file_name(), out_dir / unit.final_name()
-        left = any(p.exists() for p in (part, done_marker(part), summary_path(part), merge_lock(final)))
-        if left or not done_marker(final).exists():
-            merge_if_complete(out_dir, unit)
-
-
-def output_locks(out_dir: Path, units: list[Unit]) -> OutputLocks:
-    """The locks that make this process the only writer of these outputs (lock.py)."""
-    return OutputLocks([out_dir / u.file_name() for u in units])
-
-
-def forget_outputs(out_dir: Path, units: list[Unit]) -> None:
-    """--rerun_done: drop what earlier runs wrote for these outputs."""
-    for name in {u.final_name() for u in units}:
-        final = out_dir / name
-        chunked = [u for u in units if u.final_name() == name and u.chunk is not None]
-        if chunked and len(chunked) < chunked[0].num_chunks and done_marker(final).exists():
-            raise ServegenError(f"{final} is already merged; to rerun some of its chunks, rerun all of them")
-        for path in (final, done_marker(final), summary_path(final)):
-            path.unlink(missing_ok=True)
-    for unit in units:
-        part = out_dir / unit.file_name()
-        for path in (part, done_marker(part), summary_path(part), part.with_name(part.name + ".unordered")):
-            path.unlink(missing_ok=True)
 
 
 def co_located_spec(server: ServerConfig, port: int):
@@ -286,7 +194,7 @@ class Job:
         if cfg.rerun_done:
             forget_outputs(self.out_dir, self.units)
         merge_finished(self.out_dir, self.units)
-        todo = [u for u in self.units if not is_done(self.out_dir, u)]
+        todo = [u for u in self.units if not output_done(self.out_dir, u)]
         if not todo:
             print(f"servegen: every output of this job is done in {self.out_dir}", file=sys.stderr)
             return 0
@@ -508,101 +416,6 @@ class Job:
         if not complete:  # never marked done: a run again resumes
             raise RuntimeError(f"the requests ended but {path} lacks rows from {writer.next_index}")
         return stats.as_dict()
-
-
-class RunStats:
-    def __init__(self):
-        self.started = time.monotonic()
-        self.started_at = time.time()
-        self.rows = 0
-        self.failed = 0
-        self.tokens = 0
-        self.histogram = [0] * (len(BUCKETS) + 1)
-
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
-
-    def add(self, latency: float, tokens: int, failed: bool) -> None:
-        self.rows += 1
-        self.failed += failed
-        self.tokens += tokens
-        self.histogram[bisect.bisect_left(BUCKETS, latency)] += 1
-
-    def as_dict(self) -> dict:
-        wall = self.elapsed()
-        return {
-            "rows_in_run": self.rows,
-            "failed_rows_in_run": self.failed,
-            "generated_tokens_in_run": self.tokens,
-            "wall_time_s": round(wall, 3),
-            "started_at": round(self.started_at, 3),  # unix time: merged chunks' wall time spans them
-            "finished_at": round(self.started_at + wall, 3),
-            "rows_per_s": round(self.rows / wall, 2) if wall else None,
-            "tokens_per_s": round(self.tokens / wall, 2) if wall else None,
-            "latency_histogram": self.histogram,
-        }
-
-
-def percentile(histogram: list[int], q: float) -> float | None:
-    """The upper edge of the bucket holding the q-th quantile (within 10% of the true value)."""
-    n = sum(histogram)
-    if not n:
-        return None
-    rank = math.ceil(q * n)
-    seen = 0
-    for i, count in enumerate(histogram):
-        seen += count
-        if seen >= rank:
-            return round(BUCKETS[min(i, len(BUCKETS) - 1)], 4)
-    return None
-
-
-def file_totals(path: Path) -> dict:
-    rows = failed = tokens = 0
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
-            rows += 1
-            failed += "error" in row
-            tokens += row.get("num_generated_tokens") or 0
-    return {"rows": rows, "failed_rows": failed, "generated_tokens": tokens}
-
-
-def write_summary(path: Path, run: dict) -> None:
-    summary = {"output": path.name, **file_totals(path), **_with_percentiles(run)}
-    summary_path(path).write_text(json.dumps(summary, indent=2) + "\n")
-
-
-def merge_summaries(target: Path, parts: list[Path]) -> None:
-    loaded = [json.loads(p.read_text()) for p in parts if p.exists()]
-    merged = {"output": target.name.replace(".summary.json", ".jsonl"), "chunks": len(parts)}
-    for key in ("rows", "failed_rows", "generated_tokens", "rows_in_run", "failed_rows_in_run",
-                "generated_tokens_in_run"):
-        merged[key] = sum(s.get(key, 0) for s in loaded)
-    # chunks run side by side (a Slurm array) or one after the other: the wall time spans them all
-    started = min((s["started_at"] for s in loaded), default=0.0)
-    finished = max((s["finished_at"] for s in loaded), default=0.0)
-    wall = finished - started
-    merged["wall_time_s"] = round(wall, 3)
-    merged["started_at"], merged["finished_at"] = started, finished
-    merged["rows_per_s"] = round(merged["rows_in_run"] / wall, 2) if wall > 0 else None
-    merged["tokens_per_s"] = round(merged["generated_tokens_in_run"] / wall, 2) if wall > 0 else None
-    histogram = [0] * (len(BUCKETS) + 1)
-    for s in loaded:
-        for i, count in s["latency_histogram"].items():
-            histogram[int(i)] += count
-    merged["latency_histogram"] = histogram
-    target.write_text(json.dumps(_with_percentiles(merged), indent=2) + "\n")
-
-
-def _with_percentiles(summary: dict) -> dict:
-    """Latency percentiles, and the histogram they come from (bucket i ends at 10**(-3 + i/25) s;
-    only non-empty buckets are listed) so that chunks' summaries can be merged."""
-    histogram = summary["latency_histogram"]
-    latency = {f"p{int(q * 100)}": percentile(histogram, q) for q in (0.5, 0.9, 0.99)}
-    sparse = {str(i): c for i, c in enumerate(histogram) if c}
-    return {**{k: v for k, v in summary.items() if k != "latency_histogram"}, "latency_s": latency,
-            "latency_histogram": sparse}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -18,7 +18,8 @@ from servegen.cluster.jobs import JobFailed, JobSpec, local_commands_text, run_l
 from servegen.errors import ServegenError
 from servegen.generation.config import GenerationConfig, build_config, to_overrides
 from servegen.overrides import parse_overrides
-from servegen.generation.job import Job, Unit, co_located_spec, forget_outputs, is_done, merge_finished, output_locks
+from servegen.generation.job import Job, co_located_spec
+from servegen.generation.outputs import Unit, forget_outputs, merge_finished, output_done, output_locks
 from servegen.generation.job import main as job_main  # what a local job's forked child runs
 from servegen.pipeline.common import (
     PORT_SHOWN,
@@ -119,7 +120,7 @@ def _generate(argv: list[str] | None) -> int:
 
     if not args.dry_run:
         merge_finished(Path(cfg.output_dir), units)
-    todo = units if rerun_done else [u for u in units if not is_done(Path(cfg.output_dir), u)]
+    todo = units if rerun_done else [u for u in units if not output_done(Path(cfg.output_dir), u)]
     if not todo:
         print(f"servegen: every output is already done in {args.output_dir}; --rerun_done runs it again")
         return 0

@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -25,29 +24,22 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 class JobStub(StubServer):
-    """The stub server, plus: `delays[key]` seconds before answering that prompt, `held` prompts
-    that get no answer until `release()`, `failing` prompts answered 500 every time, and
-    `finished`: the prompt keys in the order their answers were sent. A request with several
-    prompts waits for the longest delay and any held prompt, and fails if one is failing."""
+    """The stub server (whose `held` prompts get no answer until `release()`), plus:
+    `delays[key]` seconds before answering that prompt, `failing` prompts answered 500 every
+    time, and `finished`: the prompt keys in the order their answers were sent. A request with
+    several prompts waits for the longest delay and any held prompt, and fails if one is failing."""
 
     def __init__(self):
         super().__init__()
         self.delays: dict[str, float] = {}
-        self.held: set[str] = set()
         self.failing: set[str] = set()
         self.finished: list[str] = []
-        self.released = threading.Event()
 
     def reset(self) -> None:
         super().reset()
         self.delays.clear()
-        self.held.clear()
         self.failing.clear()
         self.finished.clear()
-        self.released.clear()
-
-    def release(self) -> None:
-        self.released.set()
 
     def total_requests(self) -> int:
         return sum(self.requests.values())
@@ -57,14 +49,11 @@ class JobStub(StubServer):
         if any(key in self.failing for key in keys):
             fault = "500"
         delay = max(self.delays.get(key, 0.0) for key in keys)
-        held = [key for key in keys if key in self.held]
-        if delay or held:
-            self.in_flight += 1  # a held or delayed request is in flight too
+        if delay:
+            self.in_flight += 1  # a delayed request is in flight too
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
             try:
                 await asyncio.sleep(delay)
-                while held and not self.released.is_set():
-                    await asyncio.sleep(0.005)
             finally:
                 self.in_flight -= 1
         response = await super()._answer(request, keys, fault, payload)

@@ -39,7 +39,8 @@ from servegen.cluster import launch
 from servegen.errors import ServerError
 from servegen.generation import job as job_module
 from servegen.generation.config import build_config
-from servegen.generation.job import WINDOW_PER_REQUEST, units_of
+from servegen.generation.job import WINDOW_PER_REQUEST
+from servegen.generation.outputs import units_of
 from servegen.pipeline import generate
 from servegen.server import process
 

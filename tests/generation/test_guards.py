@@ -14,7 +14,7 @@ from job_helpers import BARE_TEMPLATE, JobStub, expected, once_each, read_jsonl,
 
 from servegen.generation import job as job_module
 from servegen.generation.config import build_config
-from servegen.generation.job import summary_path
+from servegen.generation.summary import summary_path
 from servegen.inference.client import Client
 
 

@@ -93,7 +93,7 @@ FAILING_STUB = STUB + """n=$(grep -c "^${0##*/}" "$STUB_LOG")
 [ "$n" -gt "$FAIL_FIRST" ]
 """
 # `ray start --head --block &` stays up a while, out of the test's pipes (unless RAY_HEAD_EXITS)
-RAY_STUB = STUB + """case " $* " in *" --head "*) [ -n "$RAY_HEAD_EXITS" ] \\&\\& exit 1; exec >/dev/null 2>\\&1; /bin/sleep 5;; esac
+RAY_STUB = STUB + """case " $* " in *" --head "*) [ -n "$RAY_HEAD_EXITS" ] && exit 1; exec >/dev/null 2>&1; /bin/sleep 5;; esac
 """
 
 
