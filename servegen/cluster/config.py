@@ -14,9 +14,9 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from servegen.errors import ConfigError
+from servegen.server import SERVER_TYPES
 
 EXECUTORS = ("local", "slurm")
-SERVER_TYPES = ("vllm", "sglang", "trtllm", "nemo", "megatron", "hf")
 PACKAGED_CONFIG_DIR = Path(__file__).parent / "examples"
 
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

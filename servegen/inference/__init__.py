@@ -16,7 +16,14 @@ from servegen.inference.errors import (
     RetriesExhausted,
 )
 from servegen.inference.nemo import MegatronClient, NemoClient
-from servegen.inference.openai_compat import HFClient, OpenAIClient, SGLangClient, TRTLLMClient, VLLMClient
+from servegen.inference.openai_compat import (
+    HFClient,
+    MegatronOpenAIClient,
+    OpenAIClient,
+    SGLangClient,
+    TRTLLMClient,
+    VLLMClient,
+)
 from servegen.inference.runner import Runner
 
 CLIENTS = {
@@ -25,6 +32,7 @@ CLIENTS = {
     "trtllm": TRTLLMClient,
     "nemo": NemoClient,
     "megatron": MegatronClient,
+    "megatron_openai": MegatronOpenAIClient,
     "hf": HFClient,
     "openai": OpenAIClient,
 }
@@ -69,13 +77,14 @@ def get_model(
 
     Where: base_url (e.g. "http://node7:8000" or "https://integrate.api.nvidia.com/v1"), else
     http://{host}:{port} (default 127.0.0.1:5000); server_type "openai" with neither goes to
-    api.openai.com. model: the served model name; None asks /v1/models (OpenAI-protocol servers).
+    api.openai.com. model: the served model name; None asks /v1/models (OpenAI-protocol servers but
+    megatron_openai, which has none and needs no name).
     api_key: for "openai", default $NVIDIA_API_KEY for *.nvidia.com hosts, else $OPENAI_API_KEY,
     else $NVIDIA_API_KEY. It is sent as a Bearer token and never shown.
     max_concurrent_requests: HTTP requests in flight at most, each with up to prompts_per_request
     prompts; None: at most 1024 prompts in flight, in at most 1024 requests (64 of 16 on vllm).
     prompts_per_request: string prompts with equal parameters sent in one /v1/completions request
-    (None: the server type's default, 16 for vllm, else 1; > 1 only for vllm and sglang).
+    (None: the server type's default, 16 for vllm, else 1; > 1 only for vllm, sglang and megatron_openai).
     max_retries, retry_backoff, max_backoff: see docs/clients.md. timeout: seconds per attempt.
     max_output_retries: extra attempts when a typed output does not validate. soft_fail: failed prompts give rows with an
     `error` field instead of raising (each call can override it). transport: "fast" (servegen's

@@ -60,7 +60,7 @@ from servegen.inference.params import Params, Plan
 
 _CONTEXT_LENGTH = re.compile(
     r"context length|context window|maximum model length|max_model_len|max_seq_len|too long|"
-    r"exceeds? the max|longer than the max|context_length_exceeded",
+    r"exceeds? the max|longer than the max|context_length_exceeded|MaxSequenceLengthOverflow",
     re.IGNORECASE,
 )
 

@@ -1,37 +1,50 @@
 """Servers that speak the OpenAI protocol (/v1/completions, /v1/chat/completions, /v1/models),
 each with its own extras. What each one is sent, per parameter:
 
-| parameter | openai | vllm | sglang | trtllm | hf (transformers serve) |
-| --- | --- | --- | --- | --- | --- |
-| top_k (off) | sent only if set | top_k (-1) | top_k (-1) | top_k (0) | generation_config.top_k (0) when sampling |
-| min_p | sent only if set | min_p | min_p | min_p | generation_config.min_p if set |
-| repetition_penalty | sent only if set | repetition_penalty | repetition_penalty | repetition_penalty | generation_config if set |
-| random_seed | seed | seed | seed | seed | seed |
-| stop_phrases | stop (first 4) | stop (first 4: VLLM_MAX_STOP_STRINGS) | stop | stop | stop |
-| remove_stop_phrases=False | - | include_stop_str_in_output | no_stop_trim | include_stop_str_in_output | - |
-| typed output, chat | response_format json_schema | response_format json_schema | response_format json_schema | response_format json (*) | - |
-| typed output, completions | - | structured_outputs.json | json_schema (a string) | response_format json (*) | - |
-| string prompts | - | add_special_tokens=false | (**) | add_special_tokens=false | (**) |
-| several string prompts per request | - | prompt: [...], return_token_ids | prompt: [...], return_token_ids (***) | - | - |
+| parameter | openai | vllm | sglang | trtllm | hf (transformers serve) | megatron_openai |
+| --- | --- | --- | --- | --- | --- | --- |
+| top_k (off) | sent only if set | top_k (-1) | top_k (-1) | top_k (0) | generation_config.top_k (0) when sampling | top_k (0) |
+| top_p (off) | top_p (1.0) | top_p (1.0) | top_p (1.0) | top_p (1.0) | top_p (1.0) | top_p (0.0) (****) |
+| min_p | sent only if set | min_p | min_p | min_p | generation_config.min_p if set | refused |
+| repetition_penalty | sent only if set | repetition_penalty | repetition_penalty | repetition_penalty | generation_config if set | refused |
+| random_seed | seed | seed | seed | seed | seed | seed (>= 0) |
+| stop_phrases | stop (first 4) | stop (first 4: VLLM_MAX_STOP_STRINGS) | stop | stop | stop | stop |
+| remove_stop_phrases=False | - | include_stop_str_in_output | no_stop_trim | include_stop_str_in_output | - | no stop (****) |
+| typed output, chat | response_format json_schema | response_format json_schema | response_format json_schema | response_format json (*) | - | - |
+| typed output, completions | - | structured_outputs.json | json_schema (a string) | response_format json (*) | - | - |
+| string prompts | - | add_special_tokens=false | (**) | add_special_tokens=false | (**) | (**) |
+| several string prompts per request | - | prompt: [...], return_token_ids | prompt: [...], return_token_ids (***) | - | - | prompt: [...] (***) |
+| model | model | model | model | model | model | - (****) |
 
 "-": not sent; typed outputs are then validated and retried on the client only. Every server type
 validates typed outputs on the client, constrained or not.
 (*) only with get_model(..., structured_decoding=True): trtllm-serve constrains output only
 when it was started with a guided decoding backend.
-(**) SGLang and transformers serve have no switch: they tokenize a string prompt with the
-tokenizer's defaults, so with a tokenizer that adds BOS, a prompt that already starts with BOS
-gets two. vLLM and trtllm-serve add special tokens only when told to (add_special_tokens,
-default true), which we turn off: the string is the exact model input. (Even told to, vLLM adds
-a BOS only if the tokenizer's post-processor does, as Llama 3's does.)
+(**) SGLang, transformers serve and Megatron-LM have no switch: they tokenize a string prompt
+with the tokenizer's defaults, so with a tokenizer that adds BOS, a prompt that already starts
+with BOS gets two (Megatron-LM: unless started with --tokenizer-hf-no-include-special-tokens).
+vLLM and trtllm-serve add special tokens only when told to (add_special_tokens, default true),
+which we turn off: the string is the exact model input. (Even told to, vLLM adds a BOS only if
+the tokenizer's post-processor does, as Llama 3's does.)
 extra_body={"add_special_tokens": True} turns it back on.
 (***) prompts_per_request > 1 (vLLM's default, SGLang's choice): the completions `prompt` field
 takes a list of strings and the server answers one choice per prompt, in order (`index`). The
 usage counts are the request's, so each prompt's num_generated_tokens is the length of its
 choice's `token_ids`, which `return_token_ids: true` asks for (vLLM >= 0.10.2; SGLang only
 since 2026, PR 30917, hence not its default); a server that leaves them out is an error, not a
-guess. trtllm-serve takes a list too but returns per-choice token ids only without text
-(detokenize=false), the hosted OpenAI API not at all, and transformers serve takes one string:
-one prompt per request for them.
+guess. Megatron-LM returns each choice's `generation_token_ids` unasked (opt-in, not its
+default: it samples prompt i of a request with seed + i, so a seeded prompt's generation would
+depend on its place in the batch). trtllm-serve takes a list too but returns per-choice token
+ids only without text (detokenize=false), the hosted OpenAI API not at all, and transformers
+serve takes one string: one prompt per request for them.
+(****) Megatron-LM (launch_inference_server.py): its sampler takes top_p 0.0 as off (1.0 still
+runs the top-p filter), and its default torch sampler asserts when top_k and top_p are both on,
+so top_k with top_p < 1 is refused when sampling; top_k, top_p and temperature are always sent,
+since a field left out takes the model's generation_config.json value. It matches a stop phrase
+on its tokens and cuts it off the text, with no field to keep it: with remove_stop_phrases=False
+no stop is sent and the client cuts the text after the phrase (the server generates on to
+tokens_to_generate). It serves one model, has no /v1/models and ignores a model field (it
+answers "EMPTY"): no model is sent, and model= is not needed.
 transformers serve rejects fields it does not know (ignore_eos, top_k, ...), so its extras go
 in its own `generation_config` field, a JSON string, sent only for sampling (temperature > 0:
 do_sample, which temperature alone does not switch on for a model whose generation_config lacks
@@ -60,6 +73,8 @@ class OpenAIClient(Client):
     constrains_chat = True  # response_format json_schema on chat
     max_stop: int | None = OPENAI_MAX_STOP
     sends_add_special_tokens = False  # True: add_special_tokens=false with string prompts (no second BOS)
+    sends_model = True
+    token_ids_field = "token_ids"  # each choice's generated token ids, in a request of several prompts
 
     def check_prompt(self, prompt: Any, p: Params) -> None:
         if isinstance(prompt, str):
@@ -71,10 +86,11 @@ class OpenAIClient(Client):
 
     def build_request(self, prompt: Any, p: Params, stream: bool = False) -> tuple[str, str, dict]:
         chat = not isinstance(prompt, str)
+        body = {"model": self.model} if self.sends_model else {}
         if chat:
-            path, body = "/v1/chat/completions", {"model": self.model, "messages": prompt}
+            path, body["messages"] = "/v1/chat/completions", prompt
         else:
-            path, body = "/v1/completions", {"model": self.model, "prompt": prompt}
+            path, body["prompt"] = "/v1/completions", prompt
             if self.sends_add_special_tokens:
                 body["add_special_tokens"] = False
         body["max_tokens"] = p.tokens_to_generate
@@ -128,11 +144,11 @@ class OpenAIClient(Client):
             raise ValueError(f"{len(choices)} choices for {len(prompts)} prompts")
         rows: list = [None] * len(prompts)
         for choice in choices:
-            token_ids = choice.get("token_ids")
+            token_ids = choice.get(self.token_ids_field)
             if token_ids is None:
                 raise BatchingUnsupported(
                     f"the {self.server_type} server answered {len(prompts)} prompts in one request without each "
-                    "choice's token_ids, so num_generated_tokens cannot be counted (return_token_ids needs vLLM "
+                    f"choice's {self.token_ids_field}, so num_generated_tokens cannot be counted (return_token_ids needs vLLM "
                     ">= 0.10.2, or an SGLang from 2026 on); pass prompts_per_request=1"
                 )
             row = {"generation": choice["text"], "num_generated_tokens": len(token_ids),
@@ -253,6 +269,46 @@ class HFClient(OpenAIClient):
             body["generation_config"] = json.dumps(config)
 
 
+class MegatronOpenAIClient(OpenAIClient):
+    """Megatron-LM's launch_inference_server.py: no model name, top_k or top_p (0.0: off), no
+    min_p, repetition_penalty or structured output, stop phrases cut off by the server; several
+    string prompts per request when asked (each choice's generation_token_ids come unasked)."""
+
+    server_type = "megatron_openai"
+    discovers_model = False  # no /v1/models
+    sends_model = False  # it ignores the field
+    batching = True
+    default_prompts_per_request = 1  # it samples prompt i of a request with seed + i
+    max_stop = None
+    constrains_chat = False  # its chat endpoint has no response_format
+    token_ids_field = "generation_token_ids"
+
+    def check_prompt(self, prompt: Any, p: Params) -> None:
+        super().check_prompt(prompt, p)
+        if p.min_p:
+            raise ServegenError("server_type megatron_openai: min_p is not supported")
+        if p.repetition_penalty != 1.0:
+            raise ServegenError("server_type megatron_openai: repetition_penalty is not supported")
+        if p.temperature > 0 and p.top_k and p.top_p < 1.0:
+            raise ServegenError("server_type megatron_openai cannot use top_k and top_p together; set one of them")
+        if p.random_seed is not None and p.random_seed < 0:
+            raise ServegenError("server_type megatron_openai: random_seed must be >= 0")
+
+    def add_sampling(self, body: dict, p: Params) -> None:
+        # always explicit: the server otherwise takes the model's generation_config.json values
+        body["top_k"] = p.top_k
+        body["top_p"] = p.top_p if p.top_p < 1.0 else 0.0  # 0.0 is off; 1.0 still filters, and asserts with top_k
+
+    def add_keep_stop(self, body: dict) -> None:
+        # the engine cuts a stop phrase off the text and no field keeps it: the client alone cuts, after it
+        del body["stop"]
+
+    def build_batch_request(self, prompts: list[str], p: Params) -> tuple[str, str, dict]:
+        method, path, body = self.build_request(prompts[0], p)
+        body["prompt"] = list(prompts)
+        return method, path, body
+
+
 def _response_format(p: Params) -> dict:
     return {"type": "json_schema", "json_schema": {"name": p.spec.name, "schema": p.spec.schema}}
 
@@ -270,8 +326,12 @@ def _add_logprobs(row: dict, logprobs: Any, chat: bool, k: int) -> None:
         logprobs = logprobs or {}
         row["tokens"] = list(logprobs.get("tokens") or [])
         row["logprobs"] = list(logprobs.get("token_logprobs") or [])
+        top = list(logprobs.get("top_logprobs") or [])
+        # Megatron-LM puts a None first (the first prompt token's, as with echo) even without echo
+        if len(row["logprobs"]) == len(row["tokens"]) + 1 and row["logprobs"][0] is None:
+            del row["logprobs"][0], top[:1]
         if k:
-            row["top_logprobs"] = [dict(t or {}) for t in logprobs.get("top_logprobs") or []]
+            row["top_logprobs"] = [dict(t or {}) for t in top]
 
 
 def _short(value: Any) -> str:

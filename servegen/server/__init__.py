@@ -2,7 +2,7 @@
 it, waits for readiness and tears it down. Nothing here knows about clusters."""
 
 from servegen.errors import ServegenError
-from servegen.server import hf, nemo, sglang, trtllm, vllm
+from servegen.server import hf, megatron_openai, nemo, sglang, trtllm, vllm
 from servegen.server.command import ServerCommand, ServerSpec
 
 BUILDERS = {
@@ -11,6 +11,7 @@ BUILDERS = {
     "trtllm": trtllm.build_command,
     "nemo": nemo.build_command,
     "megatron": nemo.build_megatron_command,
+    "megatron_openai": megatron_openai.build_command,
     "hf": hf.build_command,
 }
 SERVER_TYPES = tuple(BUILDERS)

@@ -12,7 +12,8 @@ examples/inference/run_text_generation_server_*.sh did before they were removed 
 one process per GPU, and its --nnodes/--node_rank/--master_addr/--master_port join the nodes), so
 one task per node; the master port is one of head_ports (NeMo's Lightning derives its own from
 the Slurm job id). (Megatron-LM's README now points to examples/inference/launch_inference_server.py,
-an OpenAI-style server on its dynamic engine: not offered yet.) The architecture comes from the
+an OpenAI-style server on its dynamic engine: server type megatron_openai, megatron_openai.py,
+started by the same torchrun command, megatron_torchrun.) The architecture comes from the
 checkpoint (--use-checkpoint-args); tokenizer flags (--tokenizer-type,
 --tokenizer-model, ...) come from the user's --server_args. Readiness: PUT /api of a one-token
 request.
@@ -43,6 +44,8 @@ from servegen.server.command import (
 NEMO_SCRIPT = '"$SERVEGEN_NEMO_DIR"/examples/nlp/language_modeling/megatron_gpt_eval.py'
 MEGATRON_SCRIPT = '"$SERVEGEN_MEGATRON_DIR"/tools/run_text_generation_server.py'
 MEGATRON_MASTER_PORT = 6000  # the torch.distributed port of Megatron-LM's examples
+# where NVIDIA's containers keep Megatron-LM; CUDA_DEVICE_MAX_CONNECTIONS=1 as Megatron-LM's examples export it
+MEGATRON_ENV = {"SERVEGEN_MEGATRON_DIR": "/opt/Megatron-LM", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
 NEMO_MISSING = (
     "$SERVEGEN_NEMO_DIR/examples/nlp/language_modeling/megatron_gpt_eval.py is not in this environment: "
     "NeMo's text generation server exists only in NeMo images that still have the NLP collection "
@@ -80,6 +83,21 @@ def build_command(spec: ServerSpec) -> ServerCommand:
 
 
 def build_megatron_command(spec: ServerSpec) -> ServerCommand:
+    argv = megatron_torchrun(spec, MEGATRON_SCRIPT) + with_defaults(spec.args, [("--port", str(spec.port))])
+    return ServerCommand(
+        script=require_file(MEGATRON_SCRIPT, MEGATRON_MISSING) + join(argv + list(spec.args)),
+        env=dict(MEGATRON_ENV),
+        head_ports={MASTER_PORT: MEGATRON_MASTER_PORT},
+        health_path="/api",
+        health_method="PUT",
+        health_body=json.dumps({"prompts": ["ping"], "tokens_to_generate": 1}),
+    )
+
+
+def megatron_torchrun(spec: ServerSpec, script: str) -> list[str]:
+    """torchrun running a Megatron-LM server script on every GPU of this node (joining the head's
+    on several nodes) with the checkpoint and the parallel sizes; the server's own flags and the
+    user's args follow."""
     _need_gpus(spec)
     tp_flags, pp_flags = ("--tensor-model-parallel-size",), ("--pipeline-model-parallel-size",)
     tp, pp = parallel_sizes(spec, tp_flags, pp_flags, spec.nodes)
@@ -87,19 +105,11 @@ def build_megatron_command(spec: ServerSpec) -> ServerCommand:
     if spec.nodes > 1:
         argv += ["--nnodes", str(spec.nodes), "--node_rank", "$SERVEGEN_NODE_RANK", "--master_addr", "$SERVEGEN_HEAD_HOST"]
     argv += ["--master_port", f"${MASTER_PORT}"]  # on one node too: torchrun's default, 29500, is fixed
-    argv += [MEGATRON_SCRIPT, "--load", spec.model, "--use-checkpoint-args"]
+    argv += [script, "--load", spec.model, "--use-checkpoint-args"]
     argv += [] if has_flag(spec.args, *tp_flags) else [tp_flags[0], str(tp)]
     argv += [] if has_flag(spec.args, *pp_flags) else [pp_flags[0], str(pp)]
     # Megatron's argument checks need a micro batch size even though nothing trains.
-    argv += with_defaults(spec.args, [("--micro-batch-size", "1"), ("--port", str(spec.port))])
-    return ServerCommand(
-        script=require_file(MEGATRON_SCRIPT, MEGATRON_MISSING) + join(argv + list(spec.args)),
-        env={"SERVEGEN_MEGATRON_DIR": "/opt/Megatron-LM", "CUDA_DEVICE_MAX_CONNECTIONS": "1"},
-        head_ports={MASTER_PORT: MEGATRON_MASTER_PORT},
-        health_path="/api",
-        health_method="PUT",
-        health_body=json.dumps({"prompts": ["ping"], "tokens_to_generate": 1}),
-    )
+    return argv + with_defaults(spec.args, [("--micro-batch-size", "1")])
 
 
 def _need_gpus(spec: ServerSpec) -> None:

@@ -14,6 +14,12 @@ PUT /api, as documented in servegen/inference/nemo.py. What it answers:
   (a server that cannot say each prompt's token count);
 - a prompt containing TOO_LONG gets vLLM's 400 for a prompt over the context length, one
   containing BAD_REQUEST a 422 in FastAPI's shape (in a list: the whole request, as vLLM);
+- to a request of a megatron_openai client (its X-Stub-Server-Type header), the shape of
+  Megatron-LM's launch_inference_server.py (endpoints/completions.py, chat_completions.py): each
+  completion choice with its generation_token_ids unasked and prompt_token_ids, completion
+  logprobs with a None first (as it puts one even without echo), model "EMPTY", and errors as
+  text (Quart's answer to a handler's string), a prompt over the context length as its
+  MaxSequenceLengthOverflowError;
 - `mode` injects faults: "500", "429" (Retry-After: `retry_after`), "drop" (connection closed
   with no answer), "truncate" (headers and half a body, then closed), "stall" (no answer until
   the client gives up and closes the connection, or for at most `stall_s`; then closed),
@@ -58,6 +64,9 @@ import jsonschema
 from aiohttp import web
 
 FAULTS = ("500", "429", "drop", "truncate", "stall", "malformed")
+# Megatron-LM's completions endpoint on a prompt over the context length (the engine's error event, as a dict)
+MEGATRON_CONTEXT_ERROR = ("Inference request(s) failed: Request 0: {'type': 'MaxSequenceLengthOverflowError', "
+                          "'request_id': 7, 'message': None, 'is_transient': False}")
 CONTEXT_ERROR = (
     "This model's maximum context length is 512 tokens. However, you requested 900 tokens "
     "(600 in the messages, 300 in the completion). Please reduce the length of the messages or completion."
@@ -147,7 +156,7 @@ def _describe(error: jsonschema.ValidationError) -> str:
         return f"{where}: unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}"
     if error.validator in ("maxItems", "maxLength"):  # (not "is too long": a client reads that as the context length)
         return f"{where}: at most {error.validator_value} allowed, got {len(error.instance)}"
-    message = error.message
+    message = error.schema.get("description", error.message) if error.validator == "not" else error.message
     return f"{where}: {message if len(message) <= 300 else message[:300] + '...'}"
 
 
@@ -341,6 +350,8 @@ class StubServer:
             payload = {"error": {"message": message, "type": "BadRequestError", "param": None, "code": 400}}
         elif engine in ("sglang", "trtllm"):
             payload = {"object": "error", "message": message, "type": "BadRequestError", "param": None, "code": 400}
+        elif engine == "megatron_openai":  # Quart sends a handler's string as the body
+            return web.Response(text=message, status=400)
         else:  # NeMo's and Megatron-LM's Flask servers answer a message string
             payload = message
         return web.json_response(payload, status=400)
@@ -415,12 +426,15 @@ class StubServer:
 
     async def _openai(self, request: web.Request) -> web.StreamResponse:
         chat = request.path.endswith("chat/completions")
+        megatron_openai = request.headers.get(SERVER_TYPE_HEADER) == "megatron_openai"
 
         body, keys, fault, rejection = await self._receive(request)
         if rejection is not None:
             return rejection
         if any("BAD_REQUEST" in key for key in keys):  # FastAPI's shape for a validation error
             return web.json_response({"detail": [{"loc": ["body", "x"], "msg": "field required"}]}, status=422)
+        if megatron_openai and any("TOO_LONG" in key for key in keys):
+            return web.Response(text=MEGATRON_CONTEXT_ERROR, status=400)
         if any("TOO_LONG" in key for key in keys):
             return web.json_response(
                 {"object": "error", "message": CONTEXT_ERROR, "type": "BadRequestError", "param": None, "code": 400},
@@ -442,7 +456,9 @@ class StubServer:
                 choice["message"] = {"role": "assistant", "content": text}
             else:
                 choice["text"] = text
-            if body.get("logprobs"):
+            if megatron_openai and not chat:
+                self._megatron_choice(choice, text, body)
+            elif body.get("logprobs"):
                 tokens = text.split(" ")
                 if chat:
                     choice["logprobs"] = {
@@ -463,11 +479,26 @@ class StubServer:
         payload = {
             "id": "cmpl-1",
             "object": "chat.completion" if chat else "text_completion",
-            "model": body.get("model"),
+            "model": "EMPTY" if megatron_openai else body.get("model"),
             "choices": choices,
             "usage": {"prompt_tokens": 5 * len(keys), "completion_tokens": generated, "total_tokens": 5 * len(keys) + generated},
         }
         return await self._answer(request, keys, fault, payload)
+
+    def _megatron_choice(self, choice: dict, text: str, body: dict) -> None:
+        """Megatron-LM's extras of a completion choice: token ids unasked, and logprobs (logprobs: an
+        int, 0 included) with a None first."""
+        tokens = text.split(" ")
+        if body.get("logprobs") is not None:
+            choice["logprobs"] = {
+                "token_logprobs": [None] + [-0.5] * len(tokens),
+                "tokens": tokens,
+                "text_offset": [],
+                "top_logprobs": [None] + [{t: -0.5} for t in tokens] if body["logprobs"] else None,
+            }
+        choice["prompt_token_ids"] = [0] * 5
+        if self.token_ids:
+            choice["generation_token_ids"] = list(range(len(text.split())))
 
     async def _stream(self, request: web.Request, key: str, text: str, chat: bool) -> web.StreamResponse:
         self.answered[key] += 1

@@ -18,7 +18,7 @@ from test_request_bodies import BATCH, MESSAGES, built_requests
 from servegen.errors import ServegenError
 from servegen.inference import CLIENTS, RequestRejected, get_model
 
-ENGINES = ["vllm", "sglang", "trtllm", "openai", "nemo", "megatron"]  # every server type but hf
+ENGINES = ["vllm", "sglang", "trtllm", "openai", "nemo", "megatron", "megatron_openai"]  # every server type but hf
 STRING_ONLY = ("nemo", "megatron")
 
 
@@ -53,6 +53,9 @@ MISSPELT = [
     ("trtllm", "string", {"no_stop_trim": True}, "no_stop_trim"),  # SGLang's, not trtllm-serve's
     ("nemo", "string", {"prompts": ["x"]}, "prompts"),  # Megatron-LM's, not NeMo's
     ("megatron", "string", {"end_strings": ["x"]}, "end_strings"),  # NeMo's, not Megatron-LM's
+    # vLLM's; Megatron-LM's OpenAI server would ignore both without a word
+    ("megatron_openai", "string", {"return_token_ids": True}, "return_token_ids"),
+    ("megatron_openai", "chat", {"response_format": {"type": "json_object"}}, "response_format"),
 ]
 
 
@@ -143,6 +146,7 @@ REFUSED = {
     ("sglang", "completion, extra_body"): "body: unknown field 'add_special_tokens'",
     ("nemo", "completion, extra_body"): "body: unknown fields 'add_special_tokens', 'min_tokens'",
     ("megatron", "completion, extra_body"): "body: unknown fields 'add_special_tokens', 'min_tokens'",
+    ("megatron_openai", "completion, extra_body"): "body: unknown fields 'add_special_tokens', 'min_tokens'",
 }
 
 
@@ -185,9 +189,9 @@ def test_what_each_client_sends_passes_the_strict_stub(stub, engine):
     chat = [*MESSAGES[:1], {"role": "user", "content": "c"}]
     stub.replies.update({"t": '{"age": 3}', "c2": '{"answer": 4}'})
     sampling = dict(temperature=0.7, top_p=0.9, random_seed=7, tokens_to_generate=8)
-    if engine not in ("openai", "megatron"):  # (the hosted API has neither; Megatron-LM: top_p or top_k)
+    if engine not in ("openai", "megatron", "megatron_openai"):  # (the hosted API has neither; Megatron-LM: top_p or top_k)
         sampling.update(top_k=40, repetition_penalty=1.1)
-    if engine not in ("openai", *STRING_ONLY):
+    if engine not in ("openai", "megatron_openai", *STRING_ONLY):
         sampling.update(min_p=0.05)
     with get_model(engine, base_url=stub.base_url, **kwargs) as llm:
         assert llm.generate(["a"])[0]["generation"] == "reply to a"

@@ -21,6 +21,7 @@ ODD_MODEL = """/models/my "odd" model's dir $HOME;`x`"""
 ODD_ARG = "a b'c \"d\" $HOME"
 NEMO_SCRIPT = "NeMo/examples/nlp/language_modeling/megatron_gpt_eval.py"
 MEGATRON_SCRIPT = "Megatron-LM/tools/run_text_generation_server.py"
+MEGATRON_OPENAI_SCRIPT = "Megatron-LM/examples/inference/launch_inference_server.py"
 
 
 def spec(server_type: str, nodes: int = 1, gpus: int = 1, model: str = MODEL, args: tuple[str, ...] = ()) -> ServerSpec:
@@ -73,7 +74,7 @@ def valid_specs(**kw) -> list[ServerSpec]:
 def test_every_engine_has_valid_shapes():
     specs = valid_specs()
     assert {s.server_type for s in specs} == set(SERVER_TYPES)
-    assert sum(s.nodes > 1 for s in specs) == 5 * 2  # all but hf run on 2 nodes, with 1 and 8 GPUs
+    assert sum(s.nodes > 1 for s in specs) == 6 * 2  # all but hf run on 2 nodes, with 1 and 8 GPUs
 
 
 @pytest.mark.parametrize("s", valid_specs(), ids=lambda s: f"{s.server_type}-{s.nodes}n-{s.gpus}g")
@@ -109,7 +110,7 @@ def run_script(tmp_path):
 
     # NVIDIA's images keep NeMo and Megatron-LM in /opt; here, scripts of the same names under tmp
     for folder in ("opt", "src"):
-        for script in (NEMO_SCRIPT, MEGATRON_SCRIPT):
+        for script in (NEMO_SCRIPT, MEGATRON_SCRIPT, MEGATRON_OPENAI_SCRIPT):
             (tmp_path / folder / script).parent.mkdir(parents=True, exist_ok=True)
             (tmp_path / folder / script).write_text("")
 
@@ -182,14 +183,35 @@ def test_sglang_nodes_join_the_head(run_script):
         assert argv[argv.index("--tp-size") + 1] == "16"
 
 
-def test_megatron_torchrun_joins_the_head_and_finds_the_script(run_script):
+@pytest.mark.parametrize("server_type, script", [("megatron", MEGATRON_SCRIPT), ("megatron_openai", MEGATRON_OPENAI_SCRIPT)])
+def test_megatron_torchrun_joins_the_head_and_finds_the_script(run_script, tmp_path, server_type, script):
     for rank in (0, 1):
-        argv = engine_call(run_script(spec("megatron", 2, 8), rank))
+        argv = engine_call(run_script(spec(server_type, 2, 8), rank))
         assert argv[0] == "torchrun"
         assert argv[argv.index("--node_rank") + 1] == str(rank)
         assert argv[argv.index("--master_addr") + 1] == "head-node"
         assert argv[argv.index("--master_port") + 1] == "40000"  # the job's port, not 6000
-        assert any(a.endswith("/opt/" + MEGATRON_SCRIPT) for a in argv)
+        assert argv[argv.index("--master_port") + 2] == str(tmp_path / "opt" / script)  # torchrun's own flags end here
+        assert argv[argv.index("--tensor-model-parallel-size") + 1] == "8"
+        assert argv[argv.index("--pipeline-model-parallel-size") + 1] == "2"
+
+
+def test_megatron_openai_listens_where_it_is_told(run_script):
+    argv = engine_call(run_script(ServerSpec("megatron_openai", MODEL, 8, host="0.0.0.0", port=8123)))
+    assert argv[-4:] == ["--host", "0.0.0.0", "--port", "8123"]  # its defaults are 0.0.0.0:5000
+    c = build_server_command(spec("megatron_openai"))
+    assert (c.health_method, c.health_path, c.health_body, c.tasks_per_node) == ("GET", "/health", None, 1)
+
+
+def test_an_older_megatron_lm_without_the_openai_server_fails_the_task_with_one_line(run_script, tmp_path):
+    """A checkout from before May 2026 has the legacy server but not launch_inference_server.py."""
+    (tmp_path / "opt" / MEGATRON_OPENAI_SCRIPT).unlink()
+    assert engine_call(run_script(spec("megatron")))[0] == "torchrun"
+    with pytest.raises(AssertionError) as e:
+        run_script(spec("megatron_openai"))
+    lines = [line for line in str(e.value).splitlines() if line.startswith("servegen: ")]
+    assert len(lines) == 1 and "launch_inference_server.py is not in this environment" in lines[0]
+    assert "older checkouts and images lack it (--server_type megatron serves those)" in lines[0]
 
 
 def test_nemo_finds_its_script(run_script, tmp_path):
@@ -200,6 +222,7 @@ def test_nemo_finds_its_script(run_script, tmp_path):
 @pytest.mark.parametrize("server_type, missing", [
     ("nemo", "megatron_gpt_eval.py is not in this environment: NeMo's text generation server exists only in NeMo images"),
     ("megatron", "tools/run_text_generation_server.py is not in this environment; set SERVEGEN_MEGATRON_DIR"),
+    ("megatron_openai", "examples/inference/launch_inference_server.py is not in this environment: Megatron-LM has this"),
 ])
 def test_a_missing_server_script_fails_the_task_with_one_line(run_script, tmp_path, server_type, missing):
     """A NeMo image without the NLP collection (removed from NeMo in 2026), or a Megatron-LM not
@@ -328,6 +351,8 @@ def words(s: ServerSpec) -> list[str]:
         (spec("nemo", 1, 1, args=("++port=6000",)), ["++port=6000"], ["port=5000"]),
         (spec("megatron", 1, 8, args=("--micro-batch-size=2", "--pipeline-model-parallel-size", "2")),
          ["--tensor-model-parallel-size", "4"], ["--micro-batch-size"]),
+        (spec("megatron_openai", 2, 8, args=("--tensor-model-parallel-size=4", "--frontend-replicas", "8")),
+         ["--pipeline-model-parallel-size", "4", "--micro-batch-size"], ["--tensor-model-parallel-size"]),
         (spec("hf", 1, 8, args=("--device", "cuda:1")), ["cuda:1"], ["auto"]),
         (spec("hf", 1, 0, args=("--cb-max-memory-percent", "0.2")), ["0.2", "--continuous-batching"], ["0.05"]),
         (spec("hf", 1, 0, args=("--continuous-batching",)), ["--cb-max-memory-percent", "0.05"], []),
@@ -359,6 +384,7 @@ def test_user_args_replace_defaults(s, present, absent):
         (spec("trtllm", 1, 0), "trtllm needs GPUs"),
         (spec("nemo", 1, 0), "nemo needs GPUs"),
         (spec("megatron", 2, 0), "megatron needs GPUs"),
+        (spec("megatron_openai", 1, 0), "megatron_openai needs GPUs"),
         (spec("hf", 2, 1), "runs on one node; use --server_nodes 1"),
         (spec("hf", 2, 0), "runs on one node"),
         (spec("vllm", 2, 0), "runs on one node"),
