@@ -10,13 +10,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 ARCHITECTURE = REPO / "docs" / "architecture.md"
-DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "benchmarks" / "README.md"]
 # Top-level folders of this repository: a path in backquotes that starts with one is ours.
 OURS = ("servegen", "tests", "benchmarks", "scripts", ".ci", "cluster_configs", "examples", "docs")
 # Paths of other projects that the docs cite (in their own repositories).
 FOREIGN = {
     "docs/source/commands/trtllm-serve/trtllm-serve.rst",  # TensorRT-LLM
     "examples/inference/launch_inference_server.py",  # Megatron-LM
+    "examples/inference/run_inference_server.sh",  # Megatron-LM
     "examples/inference/run_text_generation_server_*.sh",  # Megatron-LM
     "examples/nlp/language_modeling/megatron_gpt_eval.py",  # NeMo
     "examples/online_serving/multi-node-serving.sh",  # vLLM
@@ -87,7 +88,9 @@ def named_paths(text: str) -> set[str]:
     """Paths of this repository in backquotes, and relative links, in a markdown text."""
     quoted = {m for m in re.findall(r"`([^`\s]+)`", text) if m.split("/")[0] in OURS and "/" in m}
     links = {m for m in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text) if "://" not in m}
-    return quoted | links
+    # and files of our own folders named in plain text (no other project has these folders)
+    bare = set(re.findall(r"(?<![\w/.`])((?:servegen|tests|benchmarks|scripts)/[\w/.-]+\.(?:py|md|sh|yaml|json))", text))
+    return quoted | links | bare
 
 
 def exists(path: str, base: Path) -> bool:

@@ -25,10 +25,3 @@ def test_setup_commands_exist_and_ci_runs_the_test_command():
     for command in commands:
         assert (REPO / command).stat().st_mode & 0o111, f"{command} is not executable"
     assert "scripts/test.sh" in (REPO / ".ci" / "run").read_text()
-
-
-def test_every_test_file_the_docs_name_exists():
-    docs = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "benchmarks" / "README.md"]
-    named = {(doc.name, m) for doc in docs for m in re.findall(r"tests/[\w/]+\.py", doc.read_text())}
-    missing = sorted((doc, path) for doc, path in named if not (REPO / path).exists())
-    assert named and not missing, missing

@@ -58,7 +58,8 @@ def test_chat_needs_no_model_name(stub):
         ({"temperature": 0.7, "top_p": 0.9}, {"temperature": 0.7, "top_p": 0.9, "top_k": 0}),
         ({"temperature": 0.7, "top_k": 40}, {"temperature": 0.7, "top_p": 0.0, "top_k": 40}),
         ({"top_k": 40, "top_p": 0.9}, {"temperature": 0.0, "top_p": 0.9, "top_k": 40}),  # greedy ignores both
-        ({"random_seed": 0}, {"temperature": 0.0, "top_p": 0.0, "top_k": 0, "seed": 0}),
+        ({"random_seed": 0}, {"temperature": 0.7, "top_p": 0.95, "top_k": 0, "seed": 0}),  # a seed alone samples
+        ({"random_seed": 0, "temperature": 0.0}, {"temperature": 0.0, "top_p": 0.95, "top_k": 0, "seed": 0}),
     ],
 )
 def test_sampling_parameters_are_always_sent(stub, params, sent):

@@ -96,7 +96,7 @@ def test_generate_checks_prompts_before_sending():
 
 
 def test_get_model_checks_its_arguments():
-    with pytest.raises(ServegenError, match="server_type must be one of vllm, sglang, trtllm, nemo, megatron, hf, openai"):
+    with pytest.raises(ServegenError, match="server_type must be one of vllm, sglang, trtllm, nemo, megatron, megatron_openai, hf, openai"):
         get_model("tgi")
     with pytest.raises(ServegenError, match="base_url= or host=/port=, not both"):
         get_model("vllm", host="x", base_url="http://x:1")
