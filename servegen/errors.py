@@ -1,6 +1,11 @@
 """Errors a user can fix. The command line prints them as one line, never a traceback."""
 
 
+def one_line(text: object) -> str:
+    """A message (a library's, often several lines) as one line, for an error of ours."""
+    return " ".join(str(text).split())
+
+
 class ServegenError(Exception):
     """A mistake in what the user gave us (flags, configs, data) or a failure they must act on."""
 

@@ -4,7 +4,7 @@ and values written so that Hydra reads them back unchanged (job command lines, N
 import re
 from typing import Any
 
-from servegen.errors import ConfigError
+from servegen.errors import ConfigError, one_line
 
 
 def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
@@ -23,7 +23,7 @@ def _hydra_parse(overrides: list[str]) -> list[tuple[str, Any]]:
     try:
         parsed = OverridesParser.create().parse_overrides(overrides)
     except HydraException as e:
-        raise ConfigError(f"cannot parse overrides {overrides}: {' '.join(str(e).split())}") from None
+        raise ConfigError(f"cannot parse overrides {overrides}: {one_line(e)}") from None
     return [(o.key_or_group, o.value()) for o in parsed]
 
 

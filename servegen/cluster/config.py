@@ -13,7 +13,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from servegen.errors import ConfigError
+from servegen.errors import ConfigError, one_line
 from servegen.server import SERVER_TYPES
 
 EXECUTORS = ("local", "slurm")
@@ -150,9 +150,9 @@ def load_cluster_config(cluster: str, config_dir: str | os.PathLike | None = Non
     try:
         raw = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except OmegaConfBaseException as e:
-        raise ConfigError(f"{path}: cannot resolve: {_first_line(e)}") from None
+        raise ConfigError(f"{path}: cannot resolve: {one_line(e)}") from None
     except Exception as e:  # yaml.YAMLError and friends: the message carries line and column
-        raise ConfigError(f"{path}: not valid YAML: {_first_line(e)}") from None
+        raise ConfigError(f"{path}: not valid YAML: {one_line(e)}") from None
     return parse_cluster_config(raw, path)
 
 
@@ -218,10 +218,6 @@ def parse_slurm_time(value: str) -> int:
     if total <= 0:
         raise ValueError(value)
     return total
-
-
-def _first_line(e: Exception) -> str:
-    return " ".join(str(e).split())
 
 
 def _optional_str(raw: dict, key: str, where: str) -> str | None:

@@ -13,7 +13,7 @@ from submitit.slurm.slurm import _make_sbatch_string
 
 from servegen.cluster.config import ClusterConfig
 from servegen.cluster.jobs import JobCommand, JobSpec, shell_env
-from servegen.errors import ServegenError
+from servegen.errors import ServegenError, one_line
 
 DEFAULT_TIME_LIMIT_MIN = 240  # when neither --time_limit nor the config's `timeouts` says
 # Requeues a job may spend on timeouts (submitit's max_num_timeout); then it fails and its
@@ -97,7 +97,7 @@ def submit(job: JobSpec, cluster: ClusterConfig) -> str:
             jobs = [executor.submit(c) for c in commands]
         return jobs[0].job_id.split("_")[0]
     except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError) as e:
-        raise ServegenError(f"sbatch refused the job: {' '.join(str(e).split())}") from None
+        raise ServegenError(f"sbatch refused the job: {one_line(e)}") from None
 
 
 def follow_up_name(name: str, i: int) -> str:

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from servegen.errors import ConfigError
+from servegen.errors import ConfigError, one_line
 from servegen.inference.params import Sampling
 from servegen.overrides import hydra_value, parse_overrides
 from servegen.server.command import DEFAULT_READY_TIMEOUT_S
@@ -111,7 +111,7 @@ def _lookup(tree: dict, dotted: str):
 
 
 def _reason(e: Exception) -> str:
-    text = " ".join(str(e).split())
+    text = one_line(e)
     if "Key '" in text and "not in" in text or "Could not override" in text or "ConfigKeyError" in type(e).__name__:
         return "no such key in the generation config (see docs/generation.md)"
     return text.split(" full_key:")[0]

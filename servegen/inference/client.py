@@ -163,9 +163,9 @@ class Client:
 
     server_type = "openai"
     discovers_model = True  # model=None: ask GET /v1/models
-    # the server takes several string prompts in one request and says each one's token count
-    # (build_batch_request / parse_batch_response); why not, for those that cannot
-    batching: bool | str = "its API takes one prompt per request"
+    # None: the server takes several string prompts in one request and says each one's token
+    # count (build_batch_request / parse_batch_response); else why it cannot
+    unbatched_because: str | None = "its API takes one prompt per request"
     default_prompts_per_request = 1
 
     def __init__(
@@ -188,9 +188,9 @@ class Client:
             prompts_per_request = self.default_prompts_per_request
         if isinstance(prompts_per_request, bool) or not isinstance(prompts_per_request, int) or prompts_per_request < 1:
             raise ServegenError(f"prompts_per_request must be an integer >= 1 or None, got {prompts_per_request!r}")
-        if prompts_per_request > 1 and self.batching is not True:
+        if prompts_per_request > 1 and self.unbatched_because is not None:
             raise ServegenError(
-                f"server_type {self.server_type} cannot take several prompts per request ({self.batching}); "
+                f"server_type {self.server_type} cannot take several prompts per request ({self.unbatched_because}); "
                 "use prompts_per_request=1"
             )
         if max_concurrent_requests is None:

@@ -68,7 +68,7 @@ class OpenAIClient(Client):
     a parameter is set away from its default."""
 
     server_type = "openai"
-    batching = "the OpenAI API returns no per-prompt token counts for several prompts"
+    unbatched_because = "the OpenAI API returns no per-prompt token counts for several prompts"
     top_k_off = -1
     constrains_chat = True  # response_format json_schema on chat
     max_stop: int | None = OPENAI_MAX_STOP
@@ -188,7 +188,7 @@ class OpenAIClient(Client):
 
 class VLLMClient(OpenAIClient):
     server_type = "vllm"
-    batching = True
+    unbatched_because = None
     default_prompts_per_request = 16  # measured: docs/clients.md#several-prompts-per-request
     max_stop = VLLM_MAX_STOP
     sends_add_special_tokens = True
@@ -228,7 +228,7 @@ class SGLangClient(VLLMClient):
 
 class TRTLLMClient(VLLMClient):
     server_type = "trtllm"
-    batching = "trtllm-serve returns per-prompt token ids only without the text (detokenize=false)"
+    unbatched_because = "trtllm-serve returns per-prompt token ids only without the text (detokenize=false)"
     default_prompts_per_request = 1
     top_k_off = 0
     max_stop = None
@@ -247,7 +247,7 @@ class HFClient(OpenAIClient):
     /v1/models can fail (then pass model=)."""
 
     server_type = "hf"
-    batching = "transformers serve takes one string prompt per request"
+    unbatched_because = "transformers serve takes one string prompt per request"
     max_stop = None
     constrains_chat = False
 
@@ -277,7 +277,7 @@ class MegatronOpenAIClient(OpenAIClient):
     server_type = "megatron_openai"
     discovers_model = False  # no /v1/models
     sends_model = False  # it ignores the field
-    batching = True
+    unbatched_because = None
     default_prompts_per_request = 1  # it samples prompt i of a request with seed + i
     max_stop = None
     constrains_chat = False  # its chat endpoint has no response_format

@@ -130,7 +130,7 @@ def sent_bodies(engine: str, **kwargs) -> list[tuple[str, str, dict]]:
         if p.spec is None:  # typed outputs are not streamed
             method, path, body = llm.build_request(prompt, p, stream=True)
             out.append((name + ", streamed", f"{method} {path}", body))
-        if llm.batching is True and isinstance(prompt, str):
+        if llm.unbatched_because is None and isinstance(prompt, str):
             method, path, body = llm.build_batch_request(BATCH, p)
             out.append((name + ", batched", f"{method} {path}", body))
     return out
@@ -207,7 +207,7 @@ def test_what_each_client_sends_passes_the_strict_stub(stub, engine):
             assert llm.generate([chat2], json_schema={"type": "object", "title": "An answer"})[0]["output"] == {"answer": 4}
             assert "".join(llm.stream(chat)) == "reply to c"
     requests = len(stub.bodies)
-    if CLIENTS[engine].batching is True:
+    if CLIENTS[engine].unbatched_because is None:
         with get_model(engine, base_url=stub.base_url, prompts_per_request=4) as llm:
             rows = llm.generate([f"p{i}" for i in range(6)], **sampling)
             assert [r["generation"] for r in rows] == [f"reply to p{i}" for i in range(6)]

@@ -1,0 +1,2 @@
+"""WHERE things run: cluster configs, the local and Slurm executors, and how a server command
+launches on them (docs/architecture.md)."""

@@ -1,0 +1,1 @@
+"""The generation job: its config, outputs, files, lock, summaries and body (docs/generation.md)."""
