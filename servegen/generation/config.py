@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from servegen.errors import ConfigError, one_line
+from servegen.inference.options import DEFAULT as CLIENT
 from servegen.inference.params import Sampling
 from servegen.overrides import hydra_value, parse_overrides
 from servegen.server.command import DEFAULT_READY_TIMEOUT_S
@@ -22,9 +23,9 @@ class InferenceConfig(Sampling):
     timeout: float | None = None  # seconds per request attempt; None: the client's default
     # a request that fails (connection error, timeout, 429, 5xx) is retried this many times,
     # waiting retry_backoff * 2**attempt s (at most max_backoff) in between; then it fails for good
-    max_retries: int = 5
-    retry_backoff: float = 0.5
-    max_backoff: float = 60.0
+    max_retries: int = CLIENT.max_retries
+    retry_backoff: float = CLIENT.retry_backoff
+    max_backoff: float = CLIENT.max_backoff
 
 
 @dataclass
@@ -59,8 +60,8 @@ class GenerationConfig:
     # HTTP requests in flight; None: 512 of one prompt each, or when string prompts share requests
     # (vLLM), the client's default: 1024 prompts in flight (64 requests of 16); for generations of at
     # most 128 tokens, 64 requests of 64 (generation/job.py SHORT_GENERATION)
-    max_concurrent_requests: int | None = None
-    prompts_per_request: int | None = None  # string prompts per request; None: the server type's default (vLLM: 16; 64 for short generations)
+    max_concurrent_requests: int | None = CLIENT.max_concurrent_requests
+    prompts_per_request: int | None = CLIENT.prompts_per_request  # string prompts per request; None: the server type's default (vLLM: 16; 64 for short generations)
     generation_key: str = "generation"
     output_type: dict[str, str] | None = None  # typed output, e.g. {"answer": "int"}
     random_seeds: list[int] | None = None  # one output-rs{seed}.jsonl each; None: output.jsonl

@@ -62,16 +62,8 @@ def get_model(
     model: str | None = None,
     api_key: str | None = None,
     *,
-    max_concurrent_requests: int | None = None,
-    prompts_per_request: int | None = None,
-    max_retries: int = 5,
-    timeout: float = 1800.0,
-    retry_backoff: float = 0.5,
-    max_backoff: float = 60.0,
-    max_output_retries: int = 2,
-    soft_fail: bool = False,
-    transport: str | None = None,
     structured_decoding: bool = False,
+    **options,
 ) -> Client:
     """A client for a model server.
 
@@ -81,14 +73,11 @@ def get_model(
     megatron_openai, which has none and needs no name).
     api_key: for "openai", default $NVIDIA_API_KEY for *.nvidia.com hosts, else $OPENAI_API_KEY,
     else $NVIDIA_API_KEY. It is sent as a Bearer token and never shown.
-    max_concurrent_requests: HTTP requests in flight at most, each with up to prompts_per_request
-    prompts; None: at most 1024 prompts in flight, in at most 1024 requests (64 of 16 on vllm).
-    prompts_per_request: string prompts with equal parameters sent in one /v1/completions request
-    (None: the server type's default, 16 for vllm, else 1; > 1 only for vllm, sglang and megatron_openai).
-    max_retries, retry_backoff, max_backoff: see docs/clients.md. timeout: seconds per attempt.
-    max_output_retries: extra attempts when a typed output does not validate. soft_fail: failed prompts give rows with an
-    `error` field instead of raising (each call can override it). transport: "fast" (servegen's
-    own HTTP/1.1, plain http only) or "aiohttp"; default picks fast for http:// without a proxy.
+    options: how the client talks to the server, each declared once with its default and meaning
+    in servegen.inference.options.ClientOptions: max_concurrent_requests, prompts_per_request
+    (None: the server type's default, 16 for vllm, else 1; > 1 only for vllm, sglang and
+    megatron_openai), max_retries, timeout (seconds per attempt), retry_backoff, max_backoff,
+    max_output_retries, soft_fail (each call can override it), transport.
     structured_decoding (trtllm only): the server was started with a guided decoding backend.
     """
     cls = CLIENTS.get(server_type)
@@ -108,18 +97,4 @@ def get_model(
     extra = {"structured_decoding": structured_decoding} if server_type == "trtllm" else {}
     if structured_decoding and server_type != "trtllm":
         raise ServegenError("structured_decoding= is for server_type trtllm; the others know whether they constrain output")
-    return cls(
-        base_url,
-        model,
-        api_key,
-        max_concurrent_requests=max_concurrent_requests,
-        prompts_per_request=prompts_per_request,
-        max_retries=max_retries,
-        timeout=timeout,
-        retry_backoff=retry_backoff,
-        max_backoff=max_backoff,
-        max_output_retries=max_output_retries,
-        soft_fail=soft_fail,
-        transport=transport,
-        **extra,
-    )
+    return cls(base_url, model, api_key, **options, **extra)

@@ -56,6 +56,7 @@ from servegen.inference.errors import (
     redact,
 )
 from servegen.inference.http import TransportError, connects, make_transport
+from servegen.inference.options import ClientOptions
 from servegen.inference.params import Params, Plan
 
 _CONTEXT_LENGTH = re.compile(
@@ -173,21 +174,12 @@ class Client:
         base_url: str,
         model: str | None = None,
         api_key: str | None = None,
-        *,
-        max_concurrent_requests: int | None = None,
-        prompts_per_request: int | None = None,
-        max_retries: int = 5,
-        timeout: float = 1800.0,
-        retry_backoff: float = 0.5,
-        max_backoff: float = 60.0,
-        max_output_retries: int = 2,
-        soft_fail: bool = False,
-        transport: str | None = None,
+        **options,
     ):
-        if prompts_per_request is None:
-            prompts_per_request = self.default_prompts_per_request
-        if isinstance(prompts_per_request, bool) or not isinstance(prompts_per_request, int) or prompts_per_request < 1:
-            raise ServegenError(f"prompts_per_request must be an integer >= 1 or None, got {prompts_per_request!r}")
+        """options: ClientOptions' fields (servegen/inference/options.py)."""
+        opts = ClientOptions.of(options)
+        max_concurrent_requests, transport = opts.max_concurrent_requests, opts.transport
+        prompts_per_request = opts.prompts_per_request or self.default_prompts_per_request
         if prompts_per_request > 1 and self.unbatched_because is not None:
             raise ServegenError(
                 f"server_type {self.server_type} cannot take several prompts per request ({self.unbatched_because}); "
@@ -200,18 +192,8 @@ class Client:
                     f"prompts_per_request={prompts_per_request} is more than the {prompts_in_flight} prompts in "
                     "flight that max_concurrent_requests=None allows; set max_concurrent_requests too"
                 )
-        elif isinstance(max_concurrent_requests, bool) or not isinstance(max_concurrent_requests, int) or max_concurrent_requests < 1:
-            raise ServegenError(f"max_concurrent_requests must be an integer >= 1 or None, got {max_concurrent_requests!r}")
         else:
             prompts_in_flight = max_concurrent_requests * prompts_per_request
-        if not isinstance(max_retries, int) or max_retries < 0:
-            raise ServegenError(f"max_retries must be an integer >= 0, got {max_retries!r}")
-        if not isinstance(max_output_retries, int) or max_output_retries < 0:
-            raise ServegenError(f"max_output_retries must be an integer >= 0, got {max_output_retries!r}")
-        if not timeout or timeout <= 0:
-            raise ServegenError(f"timeout must be a number of seconds > 0, got {timeout!r}")
-        if transport not in (None, "fast", "aiohttp"):
-            raise ServegenError(f'transport must be None (pick), "fast" or "aiohttp", got {transport!r}')
         parts = urllib.parse.urlsplit(base_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ServegenError(f"base_url must look like http://host:port or https://host/v1, got {base_url!r}")
@@ -227,12 +209,12 @@ class Client:
         self.max_concurrent_requests = max_concurrent_requests  # HTTP requests
         self.prompts_per_request = prompts_per_request
         self.max_prompts_in_flight = prompts_in_flight
-        self.max_retries = max_retries
-        self.timeout = float(timeout)
-        self.retry_backoff = retry_backoff
-        self.max_backoff = max_backoff
-        self.max_output_retries = max_output_retries
-        self.soft_fail = soft_fail
+        self.max_retries = opts.max_retries
+        self.timeout = float(opts.timeout)
+        self.retry_backoff = opts.retry_backoff
+        self.max_backoff = opts.max_backoff
+        self.max_output_retries = opts.max_output_retries
+        self.soft_fail = opts.soft_fail
         self._transport_kind = transport
         self._states: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState]" = weakref.WeakKeyDictionary()
         self._sync_lock = threading.Lock()

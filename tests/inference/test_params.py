@@ -166,3 +166,30 @@ def test_unset_temperature_and_top_p_are_greedy_or_with_a_seed_nemo_skills_sampl
     assert (item.temperature, item.top_p) == (0.7, 0.95)
     with pytest.raises(ServegenError, match=r"top_p must be a number in \(0, 1\], got 0"):
         Plan(1, {"top_p": 0})
+
+
+def test_client_options_are_declared_once_for_get_model_and_the_job():
+    from servegen.generation.config import GenerationConfig
+    from servegen.inference.options import DEFAULT, ClientOptions
+
+    with pytest.raises(ServegenError, match="unknown client option 'max_retry'; known: max_concurrent_requests, "):
+        get_model("vllm", max_retry=3)
+    with pytest.raises(ServegenError, match="max_retries must be an integer >= 0, got -1"):
+        get_model("vllm", max_retries=-1)
+    llm = get_model("vllm", max_retries=2, timeout=5, soft_fail=True)
+    assert (llm.max_retries, llm.timeout, llm.soft_fail, llm.retry_backoff) == (2, 5.0, True, DEFAULT.retry_backoff)
+    job = GenerationConfig()
+    assert (job.inference.max_retries, job.inference.retry_backoff, job.inference.max_backoff) == (
+        DEFAULT.max_retries, DEFAULT.retry_backoff, DEFAULT.max_backoff)
+    assert (job.max_concurrent_requests, job.prompts_per_request) == (None, None) == (
+        DEFAULT.max_concurrent_requests, DEFAULT.prompts_per_request)
+    assert {f.name for f in fields(ClientOptions)} >= {"max_retries", "timeout", "transport", "soft_fail"}
+
+
+def test_the_docs_list_the_client_options_with_their_defaults():
+    from servegen.inference.options import DEFAULT, ClientOptions
+
+    text = (REPO / "docs" / "clients.md").read_text()
+    block = text.split("# config takes its defaults from there too):\n", 1)[1].split("```", 1)[0]
+    documented = dict(item.strip().split("=") for item in block.replace("#", "").replace("\n", ",").split(",") if item.strip())
+    assert documented == {f.name: repr(getattr(DEFAULT, f.name)) for f in fields(ClientOptions)}
