@@ -37,7 +37,7 @@ from servegen.generation.outputs import (
 from servegen.generation.summary import RunStats, write_summary
 from servegen.inference import CLIENTS, RESULT_FIELDS, InferenceError, ModelUnknown, get_model
 from servegen.inference.client import new_event_loop
-from servegen.inference.http import FastTransport, TransportError, connects
+from servegen.inference.transport import FastTransport, TransportError, connects
 from servegen.inference.params import Plan
 from servegen.prompt import get_prompt
 

@@ -55,7 +55,7 @@ from servegen.inference.errors import (
     RetriesExhausted,
     redact,
 )
-from servegen.inference.http import TransportError, connects, make_transport
+from servegen.inference.transport import TransportError, connects, make_transport
 from servegen.inference.options import ClientOptions
 from servegen.inference.params import Params, Plan
 

@@ -73,7 +73,7 @@ def client_timeouts(monkeypatch) -> collections.Counter:
     request may still have been answered by the stub (after the client gave up), so a prompt
     retried after a timeout can rightly count two answers at the stub: tests that count answers
     exactly allow one more per timeout of that prompt's requests, and only that."""
-    from servegen.inference import http
+    from servegen.inference import transport as http
 
     counts: collections.Counter = collections.Counter()
     for cls in (http.FastTransport, http.AiohttpTransport):

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from servegen.inference import RetriesExhausted, get_model
-from servegen.inference.http import FastTransport, connects
+from servegen.inference.transport import FastTransport, connects
 
 BODY = json.dumps({"choices": [{"text": "ok", "finish_reason": "stop"}], "usage": {"completion_tokens": 1}}).encode()
 
@@ -234,3 +234,16 @@ def test_a_request_cancelled_as_its_connection_attempt_fails_ends_cancelled():
             await task
 
     asyncio.run(attempt())
+
+
+def test_both_transports_have_the_transport_interface():
+    import inspect
+
+    from servegen.inference.transport import AiohttpTransport, Transport
+
+    wanted = {name for name in Transport.__dict__ if not name.startswith("_")}
+    assert wanted == {"request", "stream", "close"}
+    for cls in (FastTransport, AiohttpTransport):
+        for name in wanted:
+            ours, theirs = inspect.signature(getattr(cls, name)), inspect.signature(getattr(Transport, name))
+            assert list(ours.parameters)[: len(theirs.parameters)] == list(theirs.parameters), (cls, name)

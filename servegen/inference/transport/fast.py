@@ -1,98 +1,20 @@
-"""HTTP/1.1 for the clients.
-
-`FastTransport` is a lean keep-alive connection pool on asyncio protocols, for plain http://
+"""`FastTransport`: a lean keep-alive connection pool on asyncio protocols, for plain http://
 servers: the hot path, where one model server answers thousands of requests in flight and a
 general-purpose HTTP library costs more CPU than the requests themselves. It speaks what model
 servers answer with: Content-Length bodies, chunked bodies (SSE streams), bodies that end with
 the connection, keep-alive, `Connection: close`, 1xx interim responses. It never pipelines: one
-request at a time per connection.
-
-`AiohttpTransport` covers what FastTransport does not: https:// (TLS), and proxies from the
-environment (http_proxy / https_proxy / no_proxy). `make_transport` picks one.
-
-Both raise `TransportError` (connection refused, reset, dropped mid-response, malformed HTTP) or
-`TimeoutError`; the caller decides what to retry. Neither puts request headers (the API key) in
-any exception.
-"""
+request at a time per connection."""
 
 import asyncio
-import ipaddress
-import socket
-import time
-import urllib.parse
-import urllib.request
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+
+from servegen.inference.transport.base import Response, TransportError
 
 MAX_HEAD_BYTES = 64 * 1024  # status line + headers; more is not an HTTP server we can talk to
-CONNECT_RETRY_S = 10.0  # how long connects() keeps trying before it says nothing answers
-
-
-class TransportError(Exception):
-    """The connection failed before a complete response arrived (worth retrying)."""
 
 
 class _StaleConnection(TransportError):
     """A reused keep-alive connection the server had already closed: nothing was answered."""
-
-
-@dataclass(slots=True)
-class Response:
-    status: int
-    headers: dict[str, str]  # lower-case names
-    body: bytes
-
-
-def make_transport(base_url: str, headers: dict[str, str], max_connections: int, force: str | None = None):
-    """FastTransport for http:// without a proxy, else AiohttpTransport. `force`: "fast" or "aiohttp"."""
-    parts = urllib.parse.urlsplit(base_url)
-    kind = force or ("aiohttp" if parts.scheme == "https" or _proxied(parts.hostname or "") else "fast")
-    if kind == "fast":
-        if parts.scheme != "http":
-            raise ValueError(f"the fast transport speaks plain http only, not {parts.scheme}://")
-        return FastTransport(parts.hostname, parts.port or 80, headers)
-    return AiohttpTransport(base_url.rstrip("/"), headers, max_connections)
-
-
-def connects(base_url: str, timeout_s: float = 5.0, retry_for_s: float = CONNECT_RETRY_S) -> bool:
-    """Whether a TCP connection to base_url's host and port opens, trying again (after 0.25 s,
-    0.5 s, 1 s, ...) for up to retry_for_s: one refused or reset connection is not a server gone.
-    True for an address the environment sends through a proxy: only a request through the proxy
-    can tell."""
-    parts = urllib.parse.urlsplit(base_url)
-    if _proxied(parts.hostname or "", parts.scheme):
-        return True
-    deadline = time.monotonic() + retry_for_s
-    pause = 0.25
-    while True:
-        try:
-            address = (parts.hostname, parts.port or (443 if parts.scheme == "https" else 80))
-            with socket.create_connection(address, timeout_s):
-                return True
-        except ValueError:  # not a host and port at all
-            return False
-        except OSError:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return False
-            time.sleep(min(pause, left))
-            pause *= 2
-
-
-def _proxied(host: str, scheme: str = "http") -> bool:
-    """Whether the environment sends `scheme` requests to this host through a proxy."""
-    if host == "localhost":
-        return False
-    try:
-        if ipaddress.ip_address(host).is_loopback:
-            return False  # a proxy for loopback is never what anyone means
-    except ValueError:
-        pass
-    return scheme in urllib.request.getproxies() and not urllib.request.proxy_bypass(host)
-
-
-# ---------------------------------------------------------------------------------------------
-# FastTransport
 
 
 class FastTransport:
@@ -453,93 +375,3 @@ class _Connection(asyncio.Protocol):
             body = parts[0] if len(parts) == 1 else b"".join(parts)
             self.fut.set_result(Response(self.status, self.headers, body))
         self.parts = []
-
-
-# ---------------------------------------------------------------------------------------------
-# AiohttpTransport
-
-
-class AiohttpTransport:
-    """aiohttp for https:// and proxies (trust_env): the same interface as FastTransport."""
-
-    def __init__(self, base_url: str, headers: dict[str, str], max_connections: int):
-        self.base_url = base_url
-        self.max_connections = max_connections
-        self._headers = headers
-        self._session = None
-
-    def _get_session(self):
-        import aiohttp
-
-        if self._session is None:
-            connector = aiohttp.TCPConnector(limit=self.max_connections)
-            self._session = aiohttp.ClientSession(connector=connector, headers=self._headers, trust_env=True)
-        return self._session
-
-    async def request(self, method: str, path: str, body: bytes | None, timeout: float | None) -> Response:
-        async with self.stream(method, path, body, timeout, whole=True) as r:
-            return Response(r.status, r.headers, await r.read())
-
-    def stream(self, method: str, path: str, body: bytes | None, timeout: float | None, whole: bool = False):
-        return _AiohttpStream(self, method, path, body, timeout, whole)
-
-    async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
-
-
-class _AiohttpStream:
-    def __init__(self, owner: AiohttpTransport, method, path, body, timeout, whole: bool):
-        self._owner = owner
-        self._args = (method, owner.base_url + path, body, timeout, whole)
-        self._cm = None
-        self._resp = None
-        self.status = 0
-        self.headers: dict[str, str] = {}
-
-    async def __aenter__(self) -> "_AiohttpStream":
-        import aiohttp
-
-        method, url, body, timeout, whole = self._args
-        # whole: the timeout bounds the entire response; streaming: the longest silence
-        t = aiohttp.ClientTimeout(total=timeout) if whole else aiohttp.ClientTimeout(sock_connect=timeout, sock_read=timeout)
-        headers = {"Content-Type": "application/json"} if body is not None else None
-        self._cm = self._owner._get_session().request(method, url, data=body, headers=headers, timeout=t)
-        try:
-            self._resp = await self._cm.__aenter__()
-        except BaseException as e:
-            raise _translate(e, timeout) from None
-        self.status = self._resp.status
-        self.headers = {k.lower(): v for k, v in self._resp.headers.items()}
-        return self
-
-    async def __aexit__(self, *exc) -> None:
-        await self._cm.__aexit__(*exc)
-
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._pieces()
-
-    async def _pieces(self) -> AsyncIterator[bytes]:
-        try:
-            async for piece in self._resp.content.iter_any():
-                yield piece
-        except BaseException as e:
-            raise _translate(e, self._args[3]) from None
-
-    async def read(self) -> bytes:
-        try:
-            return await self._resp.read()
-        except BaseException as e:
-            raise _translate(e, self._args[3]) from None
-
-
-def _translate(e: BaseException, timeout: float | None) -> BaseException:
-    """aiohttp's exceptions as ours; their request info (headers: the key) stays behind."""
-    import aiohttp
-
-    if isinstance(e, asyncio.TimeoutError):
-        return TimeoutError(f"no complete response within {timeout} s")
-    if isinstance(e, aiohttp.ClientError):
-        return TransportError(f"{type(e).__name__}: {e}")
-    return e
