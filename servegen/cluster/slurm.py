@@ -7,8 +7,11 @@ import re
 import shlex
 import subprocess
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import submitit
+from submitit.core.utils import JobPaths
 from submitit.slurm.slurm import _make_sbatch_string
 
 from servegen.cluster.config import ClusterConfig
@@ -82,8 +85,27 @@ def sbatch_text(job: JobSpec, cluster: ClusterConfig) -> str:
     return f"# sbatch script of job {cluster.job_name_prefix}{job.name}\n{script}\n" + "\n".join(what) + "\n"
 
 
-def submit(job: JobSpec, cluster: ClusterConfig) -> str:
-    """Submit the job (an array if it has several commands); its Slurm job id."""
+@dataclass(frozen=True)
+class SlurmJob:
+    """A submitted job (an array: its first task's): its id, its log as submitit names it, its
+    state."""
+
+    job_id: str
+    log_dir: Path
+
+    def log(self, task: int = 0) -> Path:
+        """The log of the job's srun task `task` (stdout and stderr: stderr_to_stdout)."""
+        return JobPaths(self.log_dir, job_id=self.job_id, task_id=task).stdout
+
+    def state(self) -> str | None:
+        return job_state(self.job_id)
+
+    def cancel(self) -> None:
+        cancel(self.job_id)
+
+
+def submit(job: JobSpec, cluster: ClusterConfig) -> SlurmJob:
+    """Submit the job (an array if it has several commands)."""
     executor = submitit.SlurmExecutor(folder=job.log_dir, max_num_timeout=MAX_REQUEUES)
     params = sbatch_parameters(job, cluster)
     executor.update_parameters(**params)
@@ -92,10 +114,10 @@ def submit(job: JobSpec, cluster: ClusterConfig) -> str:
     commands = [JobCommand(argv, env, stop_grace_s=params["signal_delay_s"] * 2 // 3) for argv in job.commands]
     try:
         if len(commands) == 1:
-            return executor.submit(commands[0]).job_id
+            return SlurmJob(executor.submit(commands[0]).job_id, job.log_dir)
         with executor.batch():
             jobs = [executor.submit(c) for c in commands]
-        return jobs[0].job_id.split("_")[0]
+        return SlurmJob(jobs[0].job_id.split("_")[0], job.log_dir)
     except (submitit.core.utils.FailedJobError, subprocess.CalledProcessError) as e:
         raise ServegenError(f"sbatch refused the job: {one_line(e)}") from None
 

@@ -156,7 +156,7 @@ def _generate(argv: list[str] | None) -> int:
     for link in chain:
         if previous is not None:
             link.dependencies = [previous]
-        previous = slurm.submit(link, cluster)
+        previous = slurm.submit(link, cluster).job_id
         kind = f"array of {len(link.commands)}" if len(link.commands) > 1 else "job"
         print(f"servegen: submitted {kind} {previous} ({cluster.job_name_prefix}{link.name}), logs in {link.log_dir}")
     return 0

@@ -143,15 +143,16 @@ def _submit(args: argparse.Namespace, cluster: ClusterConfig, resources: Resourc
         print(job_launch(spec, server, cluster, in_slurm=True, cpus_per_task=job.resources.cpus_per_task).shell())
         print(head_ports_note(server), end="")
         return 0
-    job_id = slurm.submit(job, cluster)
-    print(f"servegen: submitted Slurm job {job_id}; waiting for the server (job log {log_dir}/{job_id}_0_log.out)",
+    submitted = slurm.submit(job, cluster)
+    job_id = submitted.job_id
+    print(f"servegen: submitted Slurm job {job_id}; waiting for the server (job log {submitted.log()})",
           file=sys.stderr, flush=True)
     path = address_file(log_dir, job_id)
     try:
-        address = _wait_for_address(job_id, path, log_dir, args.ready_timeout, server)
+        address = _wait_for_address(submitted, path, args.ready_timeout, server)
         print(f"servegen: {args.server_type} server ready at {address} (Slurm job {job_id})", flush=True)
         print(f"servegen: Ctrl-C (or scancel {job_id}) stops it", file=sys.stderr, flush=True)
-        while (state := slurm.job_state(job_id)) in _LIVE_STATES:
+        while (state := submitted.state()) in _LIVE_STATES:
             time.sleep(5)
             # a job requeued at its time limit (or preempted) starts the server again, maybe elsewhere
             moved = _answering_address(path, server)
@@ -161,7 +162,7 @@ def _submit(args: argparse.Namespace, cluster: ClusterConfig, resources: Resourc
                       flush=True)
         raise ServerError(f"Slurm job {job_id} ended ({state}); see {log_dir}")
     except KeyboardInterrupt:
-        slurm.cancel(job_id)
+        submitted.cancel()
         raise
 
 
@@ -184,22 +185,22 @@ def _answering_address(path: Path, server) -> str | None:
     return None
 
 
-def _wait_for_address(job_id: str, path: Path, log_dir: Path, timeout_s: float, server) -> str:
-    from servegen.cluster import slurm
-
+def _wait_for_address(job, path: Path, timeout_s: float, server) -> str:
+    """The address the Slurm job's server answers at, once it does."""
     deadline = time.monotonic() + timeout_s
+    pause = 1.0
     while time.monotonic() < deadline:
         address = _answering_address(path, server)
         if address:
             return address
-        state = slurm.job_state(job_id)
+        state = job.state()
         if state not in _LIVE_STATES:
-            log = log_dir / f"{job_id}_0_log.out"
-            raise ServerError(f"Slurm job {job_id} ended ({state}) before its server was ready:\n"
-                              f"{_job_error(log)}\n(the whole job log: {log})")
-        time.sleep(2)
-    slurm.cancel(job_id)
-    raise ServerError(f"the server of Slurm job {job_id} was not ready after {timeout_s:.0f} s; job cancelled")
+            raise ServerError(f"Slurm job {job.job_id} ended ({state}) before its server was ready:\n"
+                              f"{_job_error(job.log())}\n(the whole job log: {job.log()})")
+        time.sleep(min(pause, max(deadline - time.monotonic(), 0)))
+        pause = min(pause * 1.5, 10.0)  # gentle on slurmctld while a big model loads
+    job.cancel()
+    raise ServerError(f"the server of Slurm job {job.job_id} was not ready after {timeout_s:.0f} s; job cancelled")
 
 
 def _job_error(log: Path) -> str:

@@ -276,9 +276,11 @@ def test_a_two_node_server_starts_with_srun_beside_submitits_step_and_stops_on_b
     job = JobSpec(name=unique("two-nodes"), commands=[[sys.executable, str(tmp_path / "body.py"), str(tmp_path),
                                                       str(CONFIG)]],
                   log_dir=tmp_path / "logs", nodes=2, gpus_per_node=2, time_limit_min=5)
-    job_id = slurm_executor.submit(job, cluster)
+    submitted = slurm_executor.submit(job, cluster)
+    job_id = submitted.job_id
     state = wait_for_job(job_id, timeout_s=120)
-    log = (tmp_path / "logs" / f"{job_id}_0_log.out").read_text()
+    log = submitted.log().read_text()
+    assert submitted.log() == tmp_path / "logs" / f"{job_id}_0_log.out"  # as submitit names it
     assert state == "COMPLETED", log + (tmp_path / "server.log").read_text()
     seen = json.loads((tmp_path / "seen.json").read_text())
 
@@ -370,7 +372,7 @@ def test_two_jobs_start_two_node_vllm_servers_on_real_ray_clusters_of_their_own_
     jobs = [slurm_executor.submit(JobSpec(name=unique("ray"), commands=[[sys.executable, str(tmp_path / "body.py"),
                                                                         str(tmp_path), str(CONFIG)]],
                                           log_dir=tmp_path / f"logs{i}", nodes=2, gpus_per_node=1, time_limit_min=10),
-                                  cluster)
+                                  cluster).job_id
             for i in range(2)]
     for i, job_id in enumerate(jobs):
         state = wait_for_job(job_id, timeout_s=420)
