@@ -50,60 +50,73 @@ CHUNKED_PREFILL_FLAGS = ("--enable-chunked-prefill", "--no-enable-chunked-prefil
 CPU_STRUCTURED_OUTPUTS = '{"backend":"xgrammar","disable_any_whitespace":true}'
 
 
+ENV = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
+OWN_IP = 'export VLLM_HOST_IP="$SERVEGEN_NODE_IP"'  # per node: vLLM and Ray must agree on it
+
+
 def build_command(spec: ServerSpec) -> ServerCommand:
-    env = {"VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1"}
-    listen = ["--host", spec.host, "--port", str(spec.port)]
-
     if spec.gpus == 0:
-        if spec.nodes > 1:
-            raise ServegenError("vllm on CPU (--server_gpus 0) runs on one node; use --server_nodes 1")
-        env.update(
-            VLLM_TARGET_DEVICE="cpu",
-            VLLM_CPU_KVCACHE_SPACE="1",  # GiB of KV cache; the default can exceed a small machine
-            VLLM_HOST_IP="127.0.0.1",  # else its internal queue binds a non-loopback address
-        )
-        argv = [*CPU_ENTRYPOINT, "--model", spec.model, *listen]
-        # float32: bf16 falls back to slow kernels on AVX2; eager: graph capture only costs start time;
-        # 0.5: the startup memory check fails at the default on small machines.
-        argv += with_defaults(
-            spec.args,
-            [("--dtype", "float32"), ("--enforce-eager",), ("--gpu-memory-utilization", "0.5")],
-        )
-        if not has_flag(spec.args, *CHUNKED_PREFILL_FLAGS):
-            # a prompt split over two steps kills the CPU engine on a seeded request (set_offset)
-            argv += ["--no-enable-chunked-prefill"]
-        if not any(a.startswith("--structured-outputs-config") for a in spec.args):  # also its .key= form
-            # a weak model otherwise runs on as whitespace inside JSON until max_tokens
-            argv += ["--structured-outputs-config", CPU_STRUCTURED_OUTPUTS]
-        return ServerCommand(script=join(argv + list(spec.args)), env=env)
-
-    argv = [*GPU_ENTRYPOINT, spec.model, *listen]
+        return _cpu_command(spec)
+    argv = [*GPU_ENTRYPOINT, spec.model, "--host", spec.host, "--port", str(spec.port)]
     tp, pp = parallel_sizes(spec, TP_FLAGS, PP_FLAGS, default_pp=spec.nodes)
     if not has_flag(spec.args, *TP_FLAGS):
         argv += ["--tensor-parallel-size", str(tp)]
     if pp > 1 and not has_flag(spec.args, *PP_FLAGS):
         argv += ["--pipeline-parallel-size", str(pp)]
     if spec.nodes == 1:
-        return ServerCommand(script=join(argv + list(spec.args)), env=env)
-
-    own_ip = 'export VLLM_HOST_IP="$SERVEGEN_NODE_IP"'  # per node: vLLM and Ray must agree on it
+        return ServerCommand(script=join(argv + list(spec.args)), env=dict(ENV))
     if flag_value(spec.args, BACKEND_FLAG) == "mp":
-        argv += with_defaults(
-            spec.args,
-            [
-                ("--nnodes", str(spec.nodes)),
-                ("--node-rank", "$SERVEGEN_NODE_RANK"),
-                ("--master-addr", "$SERVEGEN_HEAD_IP"),
-                ("--master-port", f"${MASTER_PORT}"),
-            ],
-        )
-        head = "exec " + join(argv + list(spec.args))
-        worker = "exec " + join(argv + ["--headless"] + list(spec.args))
-        return ServerCommand(
-            script=f"{own_ip}\n" + by_node_rank(head, worker), env=env, head_ports={MASTER_PORT: MP_MASTER_PORT}
-        )
+        return _ray_free_nodes(spec, argv)
+    return _ray_nodes(spec, argv)
 
-    argv += with_defaults(spec.args, [(BACKEND_FLAG, "ray")])
+
+def _cpu_command(spec: ServerSpec) -> ServerCommand:
+    """The CPU build, with the flags and environment measured to work here (docs/vllm-on-cpu.md)."""
+    if spec.nodes > 1:
+        raise ServegenError("vllm on CPU (--server_gpus 0) runs on one node; use --server_nodes 1")
+    env = {
+        **ENV,
+        "VLLM_TARGET_DEVICE": "cpu",
+        "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB of KV cache; the default can exceed a small machine
+        "VLLM_HOST_IP": "127.0.0.1",  # else its internal queue binds a non-loopback address
+    }
+    argv = [*CPU_ENTRYPOINT, "--model", spec.model, "--host", spec.host, "--port", str(spec.port)]
+    # float32: bf16 falls back to slow kernels on AVX2; eager: graph capture only costs start time;
+    # 0.5: the startup memory check fails at the default on small machines.
+    argv += with_defaults(
+        spec.args,
+        [("--dtype", "float32"), ("--enforce-eager",), ("--gpu-memory-utilization", "0.5")],
+    )
+    if not has_flag(spec.args, *CHUNKED_PREFILL_FLAGS):
+        # a prompt split over two steps kills the CPU engine on a seeded request (set_offset)
+        argv += ["--no-enable-chunked-prefill"]
+    if not any(a.startswith("--structured-outputs-config") for a in spec.args):  # also its .key= form
+        # a weak model otherwise runs on as whitespace inside JSON until max_tokens
+        argv += ["--structured-outputs-config", CPU_STRUCTURED_OUTPUTS]
+    return ServerCommand(script=join(argv + list(spec.args)), env=env)
+
+
+def _ray_free_nodes(spec: ServerSpec, argv: list[str]) -> ServerCommand:
+    """vLLM's own multi-node mode: every node runs vllm serve, the others --headless."""
+    argv = argv + with_defaults(
+        spec.args,
+        [
+            ("--nnodes", str(spec.nodes)),
+            ("--node-rank", "$SERVEGEN_NODE_RANK"),
+            ("--master-addr", "$SERVEGEN_HEAD_IP"),
+            ("--master-port", f"${MASTER_PORT}"),
+        ],
+    )
+    head = "exec " + join(argv + list(spec.args))
+    worker = "exec " + join(argv + ["--headless"] + list(spec.args))
+    return ServerCommand(
+        script=f"{OWN_IP}\n" + by_node_rank(head, worker), env=dict(ENV), head_ports={MASTER_PORT: MP_MASTER_PORT}
+    )
+
+
+def _ray_nodes(spec: ServerSpec, argv: list[str]) -> ServerCommand:
+    """A Ray cluster over the nodes (the module docstring), then vllm serve on the head."""
+    argv = argv + with_defaults(spec.args, [(BACKEND_FLAG, "ray")])
     ray_node = f'--node-ip-address="$SERVEGEN_NODE_IP" --num-gpus={spec.gpus} {RAY_NODE_PORTS} --disable-usage-stats'
     ray_head = (
         f'ray start --head --port="${MASTER_PORT}" --ray-client-server-port="$SERVEGEN_RAY_CLIENT_PORT" '
@@ -127,7 +140,7 @@ def build_command(spec: ServerSpec) -> ServerCommand:
         f"{_ray_head_listens()} && ray start --address={RAY_ADDRESS} {ray_node} --block",
         f"this node could not join the Ray head at $SERVEGEN_HEAD_IP:${MASTER_PORT}",
     )
-    return ServerCommand(script=f"{own_ip}\n" + by_node_rank(head, worker), env=env, head_ports=dict(RAY_HEAD_PORTS))
+    return ServerCommand(script=f"{OWN_IP}\n" + by_node_rank(head, worker), env=dict(ENV), head_ports=dict(RAY_HEAD_PORTS))
 
 
 # Whether the head's Ray listens (ray.init on an address nobody listens at waits for minutes).
