@@ -22,6 +22,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from servegen.cluster.config import load_cluster_config
+from servegen.cluster.managed import ManagedServer
 from servegen.errors import ServegenError, ServerError
 from servegen.generation.config import GenerationConfig, ServerConfig, build_config
 from servegen.generation.files import OrderedWriter, count_rows, done_marker, read_rows
@@ -79,36 +80,25 @@ def co_located_spec(server: ServerConfig, port: int):
                       port=port, args=split_args(server.args))
 
 
-class CoLocatedServer:
-    """The model server this job starts on its own node(s), restarted (bounded) when it dies."""
+class CoLocatedServer(ManagedServer):
+    """The model server this job starts on its own node(s) (cfg.server), each start on a free
+    port, restarted (at most ++server.max_restarts times) when it dies or hangs (`watch`)."""
 
     def __init__(self, cfg: GenerationConfig, log_dir: Path):
         self.cfg = cfg.server
-        self.cluster = load_cluster_config(cfg.cluster, cfg.config_dir)
-        self.log_dir = log_dir
-        self.starts = 0
-        self.process = None
-        self.address = None
-        self.log_path = None
+        super().__init__(
+            co_located_spec(self.cfg, 1), load_cluster_config(cfg.cluster, cfg.config_dir),  # (port: each start's)
+            lambda n: log_dir / f"{self.cfg.server_type}-server-{n}.log", self.cfg.ready_timeout,
+            self.cfg.max_restarts, "++server.max_restarts", new_port=True,
+        )
 
     def start(self) -> None:
-        # imported here: a job that uses a running server never needs them, and start-up is part
-        # of every job's wall time (benchmarks/README.md)
-        from servegen.cluster.launch import start_server_here
-        from servegen.server.process import free_port
-
-        port = free_port()
-        spec = co_located_spec(self.cfg, port)
-        self.starts += 1
-        self.log_path = self.log_dir / f"{self.cfg.server_type}-server-{self.starts}.log"
-        print(f"servegen: starting {self.cfg.server_type} server (log {self.log_path})", file=sys.stderr, flush=True)
-        self.process = start_server_here(spec, self.cluster, self.log_path, f"{self.cfg.server_type} server")
-        self.process.wait_ready(self.cfg.ready_timeout)
-        self.address = f"http://127.0.0.1:{port}"
+        super().start()
         print(f"servegen: server ready at {self.address}", file=sys.stderr, flush=True)
 
-    def alive(self) -> bool:
-        return self.process.proc.poll() is None
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     async def watch(self, answered_at: Callable[[], float], busy: Callable[[], bool], request_timeout: float) -> None:
         """Raise ServerDied when the server exits, or hangs (++server.hang_timeout = T): no sign of
@@ -147,20 +137,6 @@ class CoLocatedServer:
                                      "(++server.hang_timeout, or the request timeout if longer)")
         finally:
             await transport.close()
-
-    def restart(self, why: str) -> None:
-        if self.starts > self.cfg.max_restarts:
-            raise ServerError(
-                f"{why} (log {self.log_path}); it was restarted {self.starts - 1} time(s) already, "
-                "as many as ++server.max_restarts allows"
-            )
-        print(f"servegen: {why} (log {self.log_path}); restarting it", file=sys.stderr, flush=True)
-        self.process.stop()
-        self.start()
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.stop()
 
 
 class Job:

@@ -20,7 +20,8 @@ from pathlib import Path
 
 from servegen.cluster.config import ClusterConfig, Resources, load_cluster_config
 from servegen.cluster.jobs import JobSpec
-from servegen.cluster.launch import job_launch, local_launch, start_server_here
+from servegen.cluster.launch import job_launch, local_launch
+from servegen.cluster.managed import ManagedServer
 from servegen.errors import ServegenError, ServerError
 from servegen.pipeline.common import (
     PORT_SHOWN,
@@ -95,10 +96,9 @@ def _start(argv: list[str] | None) -> int:
     # in a Slurm job: where the submitter, waiting for it, learns the address
     in_job = args.run_here and "SLURM_JOB_ID" in os.environ
     published = address_file(Path(args.log_dir), os.environ["SLURM_JOB_ID"]) if in_job else None
-    server = start_server_here(spec, cluster, log_path, f"{spec.server_type} server")  # started already
+    server = ManagedServer(spec, cluster, lambda n: log_path, args.ready_timeout)
     try:
-        print(f"servegen: starting {spec.server_type} server (pid {server.pid}, log {log_path})", file=sys.stderr)
-        server.wait_ready(args.ready_timeout)
+        server.start()
         address = f"http://{_public_host(host, args.run_here)}:{spec.port}"
         if published:
             tmp = published.with_name(published.name + ".tmp")
@@ -106,7 +106,7 @@ def _start(argv: list[str] | None) -> int:
             tmp.replace(published)
         print(f"servegen: {spec.server_type} server ready at {address} (model {spec.model})", flush=True)
         print("servegen: press Ctrl-C to stop it", file=sys.stderr)
-        code = server.proc.wait()
+        code = server.process.proc.wait()
         raise ServerError(f"{spec.server_type} server exited with code {code}; see its log {log_path}")
     finally:
         if published:  # no stale address while a requeued job starts the server again

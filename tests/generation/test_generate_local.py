@@ -603,6 +603,7 @@ class StandInServer:
 
     def __init__(self, started: list, stub: JobStub):
         self.proc = subprocess.Popen(["sleep", "600"])
+        self.pid = self.proc.pid
         self.health_url = f"{stub.base_url}/health"
         started.append(self)
 
