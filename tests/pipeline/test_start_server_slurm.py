@@ -395,6 +395,88 @@ def test_two_jobs_start_two_node_vllm_servers_on_real_ray_clusters_of_their_own_
         wait_until_gone(job_id, "", 30)
 
 
+# In place of an engine on every node: records how it was started there; the head answers any
+# GET or PUT (each engine's readiness probe) on its --port.
+ENGINE_RECORDER = """
+import http.server, json, os, sys, time
+from pathlib import Path
+out, argv = Path(sys.argv[1]), sys.argv[2:]
+keys = ("SLURMD_NODENAME", "SERVEGEN_NODE_RANK", "SERVEGEN_HEAD_HOST", "SERVEGEN_HEAD_IP", "SERVEGEN_NODE_IP",
+        "SERVEGEN_MASTER_PORT")
+(out / f"node-{os.environ['SERVEGEN_NODE_RANK']}.json").write_text(json.dumps({"argv": argv, **{k: os.environ.get(k) for k in keys}}))
+if os.environ["SERVEGEN_NODE_RANK"] != "0":
+    while True:
+        time.sleep(1)
+
+class Ok(http.server.BaseHTTPRequestHandler):
+    def answer(self):
+        self.send_response(200)
+        self.end_headers()
+    do_GET = do_PUT = answer
+
+http.server.HTTPServer(("0.0.0.0", int(argv[argv.index("--port") + 1])), Ok).serve_forever()
+"""
+
+# The job body: servegen's two-node command of an engine, run for real under srun on both nodes,
+# with the engine's executable replaced by the recorder.
+ENGINE_JOB_BODY = """
+import dataclasses, os, sys
+from pathlib import Path
+from servegen.cluster.config import load_cluster_config
+from servegen.cluster.launch import start_server_here
+from servegen.server import build_server_command
+from servegen.server.command import ServerSpec
+from servegen.server.process import free_port
+
+out, config, server_type, engine = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+os.environ["SERVEGEN_MEGATRON_DIR"] = str(out / "Megatron-LM")  # where the scripts' stand-ins are
+spec = ServerSpec(server_type=server_type, model="/models/llama", gpus=1, nodes=2, port=free_port(), host="0.0.0.0")
+command = build_server_command(spec)
+recorder = f"{sys.executable} {out / 'recorder.py'} {out} "
+command = dataclasses.replace(command, script=command.script.replace(engine + " ", recorder, 1))
+server = start_server_here(spec, load_cluster_config(config), out / "server.log", "server", command=command)
+server.wait_ready(120)
+server.stop()
+"""
+
+
+@pytest.mark.parametrize("server_type, engine", [
+    ("sglang", "python3 -m sglang.launch_server"), ("megatron", "torchrun"), ("megatron_openai", "torchrun"),
+])
+def test_each_engines_two_node_step_runs_on_both_nodes_with_the_heads_address_and_port(tmp_path, server_type, engine):
+    """Item 8 of issue 11 for the engines other than vLLM: the generated srun step runs on the
+    test cluster's two nodes, each node's engine (a recorder) started with its own rank, the
+    head's IP found on the node and the one port the job chose on its head node."""
+    require_slurm()
+    (tmp_path / "recorder.py").write_text(ENGINE_RECORDER)
+    (tmp_path / "body.py").write_text(ENGINE_JOB_BODY)
+    for script in ("tools/run_text_generation_server.py", "examples/inference/launch_inference_server.py"):
+        (tmp_path / "Megatron-LM" / script).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "Megatron-LM" / script).write_text("")
+    job = JobSpec(name=unique(server_type), commands=[[sys.executable, str(tmp_path / "body.py"), str(tmp_path),
+                                                        str(CONFIG), server_type, engine]],
+                  log_dir=tmp_path / "logs", nodes=2, gpus_per_node=1, time_limit_min=5)
+    submitted = slurm_executor.submit(job, load_cluster_config(str(CONFIG)))
+    state = wait_for_job(submitted.job_id, timeout_s=180)
+    server_log = tmp_path / "server.log"
+    assert state == "COMPLETED", submitted.log().read_text() + (server_log.read_text() if server_log.exists() else "")
+    nodes = [json.loads((tmp_path / f"node-{rank}.json").read_text()) for rank in (0, 1)]
+    assert [n["SLURMD_NODENAME"] for n in nodes] == list(NODES)
+    port = nodes[0]["SERVEGEN_MASTER_PORT"]
+    assert port.isdigit() and port not in ("20000", "6000") and nodes[1]["SERVEGEN_MASTER_PORT"] == port
+    for rank, node in enumerate(nodes):
+        argv = node["argv"]
+        value = lambda flag: argv[argv.index(flag) + 1]  # noqa: E731
+        assert (node["SERVEGEN_HEAD_IP"], node["SERVEGEN_NODE_IP"]) == ("127.0.0.1", "127.0.0.1")
+        if server_type == "sglang":
+            assert (value("--nnodes"), value("--node-rank"), value("--dist-init-addr")) == ("2", str(rank), f"127.0.0.1:{port}")
+        else:
+            assert (value("--nnodes"), value("--node_rank"), value("--master_addr"), value("--master_port")) == (
+                "2", str(rank), "127.0.0.1", port)
+            assert Path(argv[argv.index("--master_port") + 2]).is_file()  # the script, found on the node
+    wait_until_gone(submitted.job_id, "", 30)
+
+
 def test_cpus_memory_and_whole_nodes_from_the_config_and_the_flags(tmp_path):
     """The config's cpus_per_task/mem/exclusive become #SBATCH lines; each flag wins over its
     key (--mem_per_gpu replacing the config's mem), and the server's srun step gets the CPUs."""
