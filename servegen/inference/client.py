@@ -423,7 +423,7 @@ class Client:
             out = await self._generate_batch(state, prompts, p)
         for k, result in enumerate(out):
             if isinstance(result, InferenceError):
-                error = _for_prompt(result, indices[k])
+                error = result.for_prompt(indices[k])
                 if soft_fail:
                     # a typed output that did not validate keeps its last text and the tokens it took
                     invalid = isinstance(error, InvalidOutput)
@@ -883,15 +883,6 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
-
-
-def _for_prompt(error: InferenceError, index: int) -> InferenceError:
-    """The error as prompt `index`'s own: one request's error can be several prompts'."""
-    own = type(error).__new__(type(error))
-    own.__dict__.update(error.__dict__)
-    own.args = (f"prompt {index}: {error}",)
-    own.index = index
-    return own
 
 
 def _check_prompts(prompts: Any) -> list:

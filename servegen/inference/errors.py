@@ -5,15 +5,27 @@ API key: messages are built from the status code and the server's own error text
 key is masked out of that text too (see `redact`).
 """
 
+import inspect
+
 from servegen.errors import ServegenError
 
 
 class InferenceError(ServegenError):
-    """A request that did not give a usable result. `index` is the prompt's position in its call."""
+    """A request that did not give a usable result. `index` is the prompt's position in its call.
+    Each kind keeps every argument of its __init__ (but the message) as the attribute of that
+    name, so that `for_prompt` can make it again."""
 
     def __init__(self, message: str, index: int | None = None):
         super().__init__(message)
         self.index = index
+
+    def for_prompt(self, index: int) -> "InferenceError":
+        """This error as prompt `index`'s own (one request's error can be several prompts'): a
+        copy, the same kind with the same fields, its message naming the prompt."""
+        fields = [name for name in inspect.signature(type(self).__init__).parameters if name not in ("self", "message")]
+        own = type(self)(f"prompt {index}: {self}", **{name: getattr(self, name) for name in fields})
+        own.index = index
+        return own
 
 
 class RequestRejected(InferenceError):
