@@ -159,6 +159,24 @@ class _Budget:
                 future.set_result(None)
 
 
+class _Retries:
+    """The attempts at one request, for both the plain and the streaming path: a try that fails
+    transiently awaits `failed(problem, retry_after)`, which waits the backoff before the next
+    try, or raises RetriesExhausted after the last (max_retries retries)."""
+
+    __slots__ = ("client", "what", "attempt")
+
+    def __init__(self, client: "Client", method: str, path: str):
+        self.client, self.what, self.attempt = client, f"{method} {client.base_url}{path}", 0
+
+    async def failed(self, problem: str, retry_after: float | None = None) -> None:
+        c = self.client
+        if self.attempt >= c.max_retries:
+            raise RetriesExhausted(c._redact(f"{self.what} failed {self.attempt + 1} times; last: {problem}"))
+        await asyncio.sleep(c._backoff(self.attempt, retry_after))
+        self.attempt += 1
+
+
 class Client:
     """A model server of one type. Use `get_model(...)` to make one."""
 
@@ -282,40 +300,36 @@ class Client:
             hint = f" (is {self.base_url} a {self.server_type} server serving model {self.model!r}?)"
         return cls(f"{self.server_type} server rejected the request: HTTP {status} on {path}: {message}{hint}", status)
 
+    def _refused(self, status: int, body: bytes, headers: dict, path: str) -> tuple[str, float | None]:
+        """A non-2xx answer: (the problem, the server's Retry-After) for a 429 or 5xx, which are
+        retried; RequestRejected for any other."""
+        if status != 429 and status < 500:
+            raise self._rejected(status, body, path)
+        return f"HTTP {status}: {_server_message(body)}", _retry_after(headers.get("retry-after"))
+
     async def _call(self, state: _LoopState, method: str, path: str, payload: bytes | None, timeout: float, parse):
         """One request with retries, holding one of the loop's request slots; `parse(json_value)`
         makes the result from a 2xx body, and a body it cannot read (KeyError, TypeError,
         IndexError, ValueError) is a failed attempt."""
         async with state.slots:
-            attempt = 0
+            retries = _Retries(self, method, path)
             while True:
                 retry_after = None
                 try:
                     response = await state.transport.request(method, path, payload, timeout)
-                except TimeoutError as e:
-                    problem = f"timed out: {e}"
-                except TransportError as e:
-                    problem = str(e)
+                except (TimeoutError, TransportError) as e:
+                    problem = _transport_problem(e)
                 else:
-                    status = response.status
-                    if 200 <= status < 300:
+                    if not 200 <= response.status < 300:
+                        problem, retry_after = self._refused(response.status, response.body, response.headers, path)
+                    else:
                         try:
                             return parse(json.loads(response.body))
                         except InferenceError:
                             raise
                         except (ValueError, KeyError, TypeError, IndexError) as e:
                             problem = f"unreadable 200 response ({type(e).__name__}: {e}): {_snippet(response.body)}"
-                    elif status == 429 or status >= 500:
-                        problem = f"HTTP {status}: {_server_message(response.body)}"
-                        retry_after = _retry_after(response.headers.get("retry-after"))
-                    else:
-                        raise self._rejected(status, response.body, path)
-                if attempt >= self.max_retries:
-                    raise RetriesExhausted(
-                        self._redact(f"{method} {self.base_url}{path} failed {attempt + 1} times; last: {problem}")
-                    )
-                await asyncio.sleep(self._backoff(attempt, retry_after))
-                attempt += 1
+                await retries.failed(problem, retry_after)
 
     async def _ensure_model(self, state: _LoopState) -> None:
         if self.model is not None or not self.discovers_model:
@@ -557,17 +571,19 @@ class Client:
         payload = _body_bytes(body)
         timeout = p.timeout or self.timeout
         trimmer = stops.StreamTrimmer(p.stop_phrases, not p.remove_stop_phrases)
-        attempt = 0
+        retries = _Retries(self, method, path)
         while True:
             retry_after = None
             response = state.transport.stream(method, path, payload, timeout)
             try:
                 await response.__aenter__()
             except (TimeoutError, TransportError) as e:
-                problem = f"{type(e).__name__}: {e}"
+                problem = _transport_problem(e)
             else:
                 try:
-                    if 200 <= response.status < 300:
+                    if not 200 <= response.status < 300:
+                        problem, retry_after = self._refused(response.status, await response.read(), response.headers, path)
+                    else:  # once text has come, a break is not retried: it would be shown twice
                         async for text in self._sse_texts(response):
                             shown = trimmer.feed(text)
                             if shown:
@@ -578,19 +594,11 @@ class Client:
                         if rest:
                             yield rest
                         return
-                    body = await response.read()
-                    if response.status != 429 and response.status < 500:
-                        raise self._rejected(response.status, body, path)
-                    problem = f"HTTP {response.status}: {_server_message(body)}"
-                    retry_after = _retry_after(response.headers.get("retry-after"))
                 except (TimeoutError, TransportError) as e:
                     raise InferenceError(self._redact(f"the stream from {self.base_url}{path} broke: {e}")) from None
                 finally:
                     await response.__aexit__(None, None, None)
-            if attempt >= self.max_retries:
-                raise RetriesExhausted(self._redact(f"POST {self.base_url}{path} failed {attempt + 1} times; last: {problem}"))
-            await asyncio.sleep(self._backoff(attempt, retry_after))
-            attempt += 1
+            await retries.failed(problem, retry_after)
 
     async def _sse_texts(self, response) -> AsyncIterator[str]:
         """The texts of a server-sent event stream, up to `data: [DONE]` or the end of the body."""
@@ -883,6 +891,11 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
     except ImportError:
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+def _transport_problem(e: BaseException) -> str:
+    """What a failed connection or a timeout says in the error after the last retry."""
+    return f"timed out: {e}" if isinstance(e, TimeoutError) else str(e)
 
 
 def _check_prompts(prompts: Any) -> list:
