@@ -37,7 +37,6 @@ import email.utils
 import json
 import random
 import re
-import threading
 import time
 import urllib.parse
 import weakref
@@ -58,6 +57,7 @@ from servegen.inference.errors import (
 from servegen.inference.transport import TransportError, connects, make_transport
 from servegen.inference.options import ClientOptions
 from servegen.inference.params import Params, Plan
+from servegen.inference.sync_bridge import SyncBridge
 
 _CONTEXT_LENGTH = re.compile(
     r"context length|context window|maximum model length|max_model_len|max_seq_len|too long|"
@@ -235,9 +235,7 @@ class Client:
         self.soft_fail = opts.soft_fail
         self._transport_kind = transport
         self._states: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState]" = weakref.WeakKeyDictionary()
-        self._sync_lock = threading.Lock()
-        self._sync_loop: asyncio.AbstractEventLoop | None = None
-        self._sync_thread: threading.Thread | None = None
+        self._sync = SyncBridge(new_event_loop)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(base_url={self.base_url!r}, model={self.model!r}, api_key={self._api_key!r})"
@@ -693,7 +691,7 @@ class Client:
 
     def generate_iter(self, prompts: Iterable, soft_fail: bool | None = None, **params) -> Iterator[tuple[int, dict]]:
         """`generate_iter_async` for synchronous code: (index, result) pairs as they complete."""
-        loop = self._loop()
+        loop = self._sync.loop()
         job = _IterJob(self, prompts, Plan(None, params), self.soft_fail if soft_fail is None else soft_fail)
         self._run(job.start())
         try:
@@ -722,14 +720,7 @@ class Client:
 
     def close(self) -> None:
         """Close every connection and stop the thread that runs the sync API."""
-        with self._sync_lock:
-            loop, thread = self._sync_loop, self._sync_thread
-            self._sync_loop = self._sync_thread = None
-        if loop is not None:
-            asyncio.run_coroutine_threadsafe(self.aclose(), loop).result()
-            loop.call_soon_threadsafe(loop.stop)
-            thread.join()
-            loop.close()
+        self._sync.close(self.aclose)
 
     def __enter__(self) -> "Client":
         return self
@@ -737,27 +728,8 @@ class Client:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _loop(self) -> asyncio.AbstractEventLoop:
-        """The event loop of the sync API: its own thread, started on first use (uvloop if installed)."""
-        with self._sync_lock:
-            if self._sync_loop is None:
-                loop = new_event_loop()
-                thread = threading.Thread(target=loop.run_forever, name="servegen-client", daemon=True)
-                thread.start()
-                self._sync_loop, self._sync_thread = loop, thread
-            return self._sync_loop
-
     def _run(self, coro):
-        loop = self._loop()
-        if threading.current_thread() is self._sync_thread:
-            coro.close()
-            raise RuntimeError("the sync API cannot be called from its own event loop; use the *_async methods")
-        future = asyncio.run_coroutine_threadsafe(coro, loop)
-        try:
-            return future.result()
-        except KeyboardInterrupt:
-            future.cancel()
-            raise
+        return self._sync.run(coro)
 
 
 _DONE = object()
