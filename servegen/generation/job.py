@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from servegen.cluster.config import load_cluster_config
 from servegen.cluster.managed import ManagedServer
-from servegen.errors import ServegenError, ServerError
+from servegen.errors import ServegenError
 from servegen.generation.config import GenerationConfig, ServerConfig, build_config
 from servegen.generation.files import OrderedWriter, count_rows, done_marker, read_rows
 from servegen.generation.outputs import (

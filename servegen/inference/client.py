@@ -31,7 +31,6 @@ ends within (max_retries + 1) * (timeout + max_backoff).
 
 import asyncio
 import collections
-import contextlib
 import dataclasses
 import email.utils
 import json
@@ -57,6 +56,7 @@ from servegen.inference.errors import (
 from servegen.inference.transport import TransportError, connects, make_transport
 from servegen.inference.options import ClientOptions
 from servegen.inference.params import Params, Plan
+from servegen.inference.scheduling import DONE, IterJob, LoopState, run_workers
 from servegen.inference.sync_bridge import SyncBridge
 
 _CONTEXT_LENGTH = re.compile(
@@ -101,62 +101,6 @@ class _Secret:
 
     def __repr__(self) -> str:
         return "'***'" if self.value else "None"
-
-
-class _LoopState:
-    """What a client keeps per event loop: its connections and its bounds on requests and prompts
-    in flight."""
-
-    def __init__(self, transport, max_concurrent_requests: int, max_prompts_in_flight: int):
-        self.transport = transport
-        self.slots = asyncio.Semaphore(max_concurrent_requests)
-        self.budget = _Budget(max_prompts_in_flight)
-
-
-class _Budget:
-    """Room for prompts in flight: a semaphore that takes n at a time, first come first served (a
-    batch is not overtaken by single prompts, and a release wakes only the waiters that fit). A
-    worker reserves room for a whole batch before it takes the batch's prompts, so it never holds
-    prompts while it waits for room."""
-
-    def __init__(self, size: int):
-        self.free = size
-        self.waiters: collections.deque = collections.deque()
-
-    def take(self, n: int) -> bool:
-        """Room for n now, without waiting (the common case: no coroutine to make)."""
-        if not self.waiters and self.free >= n:
-            self.free -= n
-            return True
-        return False
-
-    async def reserve(self, n: int) -> None:
-        if self.take(n):
-            return
-        future = asyncio.get_running_loop().create_future()
-        self.waiters.append((n, future))
-        try:
-            await future
-        except asyncio.CancelledError:
-            if future.done() and not future.cancelled():
-                self.release(n)  # granted, then cancelled
-            else:
-                with contextlib.suppress(ValueError):
-                    self.waiters.remove((n, future))
-                self._wake()
-            raise
-
-    def release(self, n: int) -> None:
-        self.free += n
-        if self.waiters:
-            self._wake()
-
-    def _wake(self) -> None:
-        while self.waiters and self.free >= self.waiters[0][0]:
-            n, future = self.waiters.popleft()
-            if not future.done():
-                self.free -= n
-                future.set_result(None)
 
 
 class _Retries:
@@ -234,7 +178,7 @@ class Client:
         self.max_output_retries = opts.max_output_retries
         self.soft_fail = opts.soft_fail
         self._transport_kind = transport
-        self._states: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopState]" = weakref.WeakKeyDictionary()
+        self._states: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopState]" = weakref.WeakKeyDictionary()
         self._sync = SyncBridge(new_event_loop)
 
     def __repr__(self) -> str:
@@ -268,7 +212,7 @@ class Client:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _state(self) -> _LoopState:
+    def _state(self) -> LoopState:
         loop = asyncio.get_running_loop()
         state = self._states.get(loop)
         if state is None:
@@ -276,7 +220,7 @@ class Client:
             if self._api_key.value:
                 headers["Authorization"] = f"Bearer {self._api_key.value}"
             transport = make_transport(self.base_url, headers, self.max_concurrent_requests, self._transport_kind)
-            state = self._states[loop] = _LoopState(transport, self.max_concurrent_requests, self.max_prompts_in_flight)
+            state = self._states[loop] = LoopState(transport, self.max_concurrent_requests, self.max_prompts_in_flight)
         return state
 
     def _redact(self, text: str) -> str:
@@ -305,7 +249,7 @@ class Client:
             raise self._rejected(status, body, path)
         return f"HTTP {status}: {_server_message(body)}", _retry_after(headers.get("retry-after"))
 
-    async def _call(self, state: _LoopState, method: str, path: str, payload: bytes | None, timeout: float, parse):
+    async def _call(self, state: LoopState, method: str, path: str, payload: bytes | None, timeout: float, parse):
         """One request with retries, holding one of the loop's request slots; `parse(json_value)`
         makes the result from a 2xx body, and a body it cannot read (KeyError, TypeError,
         IndexError, ValueError) is a failed attempt."""
@@ -329,7 +273,7 @@ class Client:
                             problem = f"unreadable 200 response ({type(e).__name__}: {e}): {_snippet(response.body)}"
                 await retries.failed(problem, retry_after)
 
-    async def _ensure_model(self, state: _LoopState) -> None:
+    async def _ensure_model(self, state: LoopState) -> None:
         if self.model is not None or not self.discovers_model:
             return
 
@@ -368,7 +312,7 @@ class Client:
         return InvalidOutput(f"the generation is not a valid typed output after {attempts} attempts: {why}",
                              row["generation"], num_generated_tokens=row["num_generated_tokens"])
 
-    async def _generate_one(self, state: _LoopState, prompt: Any, p: Params, first_attempt: int = 0) -> dict:
+    async def _generate_one(self, state: LoopState, prompt: Any, p: Params, first_attempt: int = 0) -> dict:
         """One prompt, retried as a whole when its typed output does not validate."""
         self.check_prompt(prompt, p)
         timeout = p.timeout or self.timeout
@@ -382,7 +326,7 @@ class Client:
                 return row
         raise self._invalid(why, row)
 
-    async def _generate_batch(self, state: _LoopState, prompts: list[str], p: Params, first_attempt: int = 0) -> list:
+    async def _generate_batch(self, state: LoopState, prompts: list[str], p: Params, first_attempt: int = 0) -> list:
         """Several string prompts that share `p` in one request per attempt: one result per
         prompt, a row or the InferenceError it ended in. A typed output that does not validate is
         asked again, together with the others that did not; a 4xx is retried prompt by prompt, so
@@ -422,7 +366,7 @@ class Client:
         except InferenceError as e:
             return e
 
-    async def _rows(self, state: _LoopState, prompts: list, p: Params, indices, soft_fail: bool) -> list:
+    async def _rows(self, state: LoopState, prompts: list, p: Params, indices, soft_fail: bool) -> list:
         """The rows of prompts at these positions of the call (one request, or one of several
         prompts), with a failed prompt's error as a row (soft_fail) or as its InferenceError,
         naming the prompt."""
@@ -501,7 +445,7 @@ class Client:
                         raise row
                 results[indices.start : indices.stop] = rows
 
-        await _run_workers([worker() for _ in range(min(n, self.max_concurrent_requests))])
+        await run_workers([worker() for _ in range(min(n, self.max_concurrent_requests))])
         return results
 
     async def generate_one_async(self, prompt: Any, soft_fail: bool | None = None, **params) -> dict:
@@ -532,12 +476,12 @@ class Client:
         window of W items past the oldest unfinished one) cannot deadlock as long as
         W >= prompts_per_request, and loses no throughput when W >= max_prompts_in_flight +
         prompts_per_request."""
-        job = _IterJob(self, prompts, Plan(None, params), self.soft_fail if soft_fail is None else soft_fail)
+        job = IterJob(self, prompts, Plan(None, params), self.soft_fail if soft_fail is None else soft_fail)
         await job.start()
         try:
             while True:
                 item = await job.results.get()
-                if item is _DONE:
+                if item is DONE:
                     return
                 if isinstance(item, BaseException):
                     raise item
@@ -563,7 +507,7 @@ class Client:
         finally:
             state.budget.release(1)
 
-    async def _stream_pieces(self, state: _LoopState, prompt: Any, p: Params) -> AsyncIterator[str]:
+    async def _stream_pieces(self, state: LoopState, prompt: Any, p: Params) -> AsyncIterator[str]:
         method, path, body = self.build_request(prompt, p, stream=True)
         path = self._prefix + path
         payload = _body_bytes(body)
@@ -692,12 +636,12 @@ class Client:
     def generate_iter(self, prompts: Iterable, soft_fail: bool | None = None, **params) -> Iterator[tuple[int, dict]]:
         """`generate_iter_async` for synchronous code: (index, result) pairs as they complete."""
         loop = self._sync.loop()
-        job = _IterJob(self, prompts, Plan(None, params), self.soft_fail if soft_fail is None else soft_fail)
+        job = IterJob(self, prompts, Plan(None, params), self.soft_fail if soft_fail is None else soft_fail)
         self._run(job.start())
         try:
             while True:
                 for item in self._run(job.take_ready()):
-                    if item is _DONE:
+                    if item is DONE:
                         return
                     if isinstance(item, BaseException):
                         raise item
@@ -730,130 +674,6 @@ class Client:
 
     def _run(self, coro):
         return self._sync.run(coro)
-
-
-_DONE = object()
-
-
-class _IterJob:
-    """The workers of generate_iter(_async) and the bounded queue of their results."""
-
-    def __init__(self, client: Client, prompts: Iterable | AsyncIterable, plan: Plan, soft_fail: bool):
-        if isinstance(prompts, (str, dict)) or not isinstance(prompts, (Iterable, AsyncIterable)):
-            raise ServegenError("prompts must be an iterable of prompts (or of {'prompt': ...} dicts)")
-        self.client = client
-        self.plan = plan
-        self.soft_fail = soft_fail
-        self.source = prompts
-        self.tasks: list[asyncio.Task] = []
-
-    async def start(self) -> None:
-        client = self.client
-        state = client._state()
-        await client._ensure_model(state)
-        workers = client.max_concurrent_requests
-        size = client.prompts_per_request
-        self.results: asyncio.Queue = asyncio.Queue(maxsize=client.max_prompts_in_flight)
-        is_async = isinstance(self.source, AsyncIterable)
-        source = aiter(self.source) if is_async else iter(self.source)
-        lock = asyncio.Lock()
-        counter = 0
-        exhausted = False
-        held = None  # an item taken that did not fit the batch before it: the next batch starts with it
-
-        async def next_item():
-            """(index, prompt, params) of the next item, or None at the end."""
-            nonlocal counter, exhausted, held
-            if held is not None:
-                item, held = held, None
-                return item
-            if exhausted:
-                return None
-            try:
-                item = await anext(source) if is_async else next(source)
-            except (StopAsyncIteration, StopIteration):
-                exhausted = True
-                return None
-            counter += 1
-            return (counter - 1, *self.plan.for_item(item))
-
-        async def take() -> list:
-            """The next items to send together, taken under one lock (an async generator takes
-            one __anext__ at a time, and only the newest items can wait in a batch), after room
-            for them is reserved."""
-            nonlocal held
-            async with lock:
-                await state.budget.reserve(size)
-                batch = []
-                try:
-                    first = await next_item()
-                    if first is not None:
-                        batch.append(first)
-                        if size > 1 and isinstance(first[1], str):
-                            p = first[2]
-                            while len(batch) < size and (item := await next_item()) is not None:
-                                if isinstance(item[1], str) and (item[2] is p or item[2] == p):
-                                    batch.append(item)
-                                else:
-                                    held = item
-                                    break
-                except BaseException:  # a bad item, or cancelled: the call ends, its room goes back
-                    state.budget.release(size)
-                    raise
-                state.budget.release(size - len(batch))
-                return batch
-
-        async def worker():
-            while batch := await take():
-                indices = [item[0] for item in batch]
-                try:  # the room is the batch's until its results are in the queue
-                    rows = await client._rows(state, [item[1] for item in batch], batch[0][2], indices, self.soft_fail)
-                    error = None
-                    for index, row in zip(indices, rows):
-                        if isinstance(row, BaseException):
-                            error = error or row
-                        else:
-                            await self.results.put((index, row))
-                finally:
-                    state.budget.release(len(batch))
-                if error is not None:  # after the rows that did finish
-                    raise error
-
-        async def run():
-            try:
-                await _run_workers([worker() for _ in range(workers)])
-                await self.results.put(_DONE)
-            except asyncio.CancelledError:
-                raise
-            except BaseException as e:
-                await self.results.put(e)
-
-        self.tasks = [asyncio.get_running_loop().create_task(run())]
-
-    async def take_ready(self) -> list:
-        """At least one result, and every other one already waiting (fewer thread hops)."""
-        items = [await self.results.get()]
-        while items[-1] is not _DONE and not isinstance(items[-1], BaseException) and not self.results.empty():
-            items.append(self.results.get_nowait())
-        return items
-
-    async def cancel(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
-
-
-async def _run_workers(coros: list) -> None:
-    """Run worker coroutines; the first failure cancels the others and is raised."""
-    loop = asyncio.get_running_loop()
-    tasks = [loop.create_task(c) for c in coros]
-    try:
-        await asyncio.gather(*tasks)
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        raise
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

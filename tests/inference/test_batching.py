@@ -305,10 +305,10 @@ def test_a_source_that_waits_for_old_prompts_does_not_deadlock_with_a_gathered_b
 
 
 def test_the_budget_is_first_come_first_served_and_a_cancelled_waiter_gives_its_room_back():
-    from servegen.inference.client import _Budget
+    from servegen.inference.scheduling import Budget
 
     async def main():
-        budget = _Budget(4)
+        budget = Budget(4)
         await budget.reserve(3)
         big = asyncio.ensure_future(budget.reserve(4))
         small = asyncio.ensure_future(budget.reserve(1))  # 1 is free, but the batch came first
