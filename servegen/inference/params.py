@@ -20,8 +20,9 @@ GREEDY = {"temperature": 0.0, "top_p": 1.0}
 RANDOM_SEED_SAMPLING = {"temperature": 0.7, "top_p": 0.95}
 
 
-def _setting(default: Any, rule: str, doc: str):
-    return field(default=default, metadata={"rule": rule, "doc": doc})
+def _setting(default: Any, rule: str, doc: str, ok, integer: bool = False):
+    """A field with its rule in words and as a test (`ok`), and whether it takes integers only."""
+    return field(default=default, metadata={"rule": rule, "doc": doc, "ok": ok, "integer": integer})
 
 
 @dataclass
@@ -31,15 +32,18 @@ class Sampling:
     `inference` config is this plus the client's options, and the docs' tables
     (docs/clients.md, docs/generation.md) are held equal to it."""
 
-    tokens_to_generate: int = _setting(512, "an integer >= 1", "most tokens to generate")
+    tokens_to_generate: int = _setting(512, "an integer >= 1", "most tokens to generate", lambda x: x >= 1, True)
     temperature: float | None = _setting(
-        None, "a number >= 0", "0 is greedy; unset: 0.0, or 0.7 with a random_seed")
+        None, "a number >= 0", "0 is greedy; unset: 0.0, or 0.7 with a random_seed", lambda x: x >= 0)
     top_p: float | None = _setting(
-        None, "a number in (0, 1]", "nucleus sampling; unset: 1.0, or 0.95 with a random_seed")
-    top_k: int = _setting(-1, "-1 or 0 (off) or an integer >= 1", "the k most likely tokens; -1 or 0: off")
-    min_p: float = _setting(0.0, "a number in [0, 1]", "tokens less likely than min_p x the most likely one are left out")
-    repetition_penalty: float = _setting(1.0, "a number > 0", "1.0: off")
-    random_seed: int | None = _setting(None, "an integer or None", "the request's seed (the same seed, the same sample)")
+        None, "a number in (0, 1]", "nucleus sampling; unset: 1.0, or 0.95 with a random_seed", lambda x: 0 < x <= 1)
+    top_k: int = _setting(
+        -1, "-1 or 0 (off) or an integer >= 1", "the k most likely tokens; -1 or 0: off", lambda x: x >= -1, True)
+    min_p: float = _setting(
+        0.0, "a number in [0, 1]", "tokens less likely than min_p x the most likely one are left out", lambda x: 0 <= x <= 1)
+    repetition_penalty: float = _setting(1.0, "a number > 0", "1.0: off", lambda x: x > 0)
+    random_seed: int | None = _setting(
+        None, "an integer or None", "the request's seed (the same seed, the same sample)", lambda x: True, True)
 
 
 SAMPLING = {f.name: f for f in fields(Sampling)}
@@ -77,25 +81,13 @@ def _number(name: str, v: Any, ok, rule: str, integer: bool = False):
     return v if integer else float(v)
 
 
-# what each sampling rule of `Sampling` means, as a test (and whether it takes integers only)
-_SAMPLING_OK = {
-    "tokens_to_generate": (lambda x: x >= 1, True),
-    "temperature": (lambda x: x >= 0, False),
-    "top_p": (lambda x: 0 < x <= 1, False),
-    "top_k": (lambda x: x >= -1, True),
-    "min_p": (lambda x: 0 <= x <= 1, False),
-    "repetition_penalty": (lambda x: x > 0, False),
-    "random_seed": (lambda x: True, True),
-}
-
-
 def check(name: str, v: Any) -> Any:
     """One value of one parameter, normalised; ServegenError names the parameter and the rule."""
-    if name in _SAMPLING_OK:
+    if name in SAMPLING:
         if v is None and SAMPLING[name].default is None:
             return None  # unset (resolved per prompt)
-        ok, integer = _SAMPLING_OK[name]
-        v = _number(name, v, ok, SAMPLING[name].metadata["rule"], integer=integer)
+        rule = SAMPLING[name].metadata
+        v = _number(name, v, rule["ok"], rule["rule"], integer=rule["integer"])
         return max(v, 0) if name == "top_k" else v
     if name == "stop_phrases":
         phrases = (v,) if isinstance(v, str) else tuple(v or ())
