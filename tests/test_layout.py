@@ -89,7 +89,7 @@ def named_paths(text: str) -> set[str]:
     quoted = {m for m in re.findall(r"`([^`\s]+)`", text) if m.split("/")[0] in OURS and "/" in m}
     links = {m for m in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text) if "://" not in m}
     # and files of our own folders named in plain text (no other project has these folders)
-    bare = set(re.findall(r"(?<![\w/.`])((?:servegen|tests|benchmarks|scripts)/[\w/.-]+\.(?:py|md|sh|yaml|json))", text))
+    bare = set(re.findall(r"(?<![\w/.`])((?:servegen|tests|benchmarks|scripts|docs)/[\w/.-]+\.(?:py|md|sh|yaml|json))", text))
     return quoted | links | bare
 
 

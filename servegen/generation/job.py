@@ -15,16 +15,13 @@ import asyncio
 import contextlib
 import sys
 import time
-import urllib.parse
-from collections.abc import Callable
 from pathlib import Path
 
 from tqdm import tqdm
 
-from servegen.cluster.config import load_cluster_config
-from servegen.cluster.managed import ManagedServer
 from servegen.errors import ServegenError
-from servegen.generation.config import GenerationConfig, ServerConfig, build_config
+from servegen.generation.colocated import CoLocatedServer, ServerDied
+from servegen.generation.config import GenerationConfig, build_config, setting_name
 from servegen.generation.files import OrderedWriter, count_rows, done_marker, read_rows
 from servegen.generation.outputs import (
     Unit,
@@ -38,7 +35,7 @@ from servegen.generation.outputs import (
 from servegen.generation.summary import RunStats, write_summary
 from servegen.inference import CLIENTS, RESULT_FIELDS, InferenceError, ModelUnknown, get_model
 from servegen.inference.client import new_event_loop
-from servegen.inference.transport import FastTransport, TransportError, connects
+from servegen.inference.transport import connects
 from servegen.inference.params import Plan
 from servegen.prompt import get_prompt
 
@@ -62,89 +59,12 @@ ONE_PROMPT_REQUESTS = 512
 # 4096 x SHORT_GENERATION tokens (benchmarks/README.md, generate_vs_offline.py).
 SHORT_GENERATION = 128
 SHORT_PROMPTS_PER_REQUEST = SHORT_REQUESTS = 64
-# A co-located server is checked for life this often; its readiness probe is asked every
-# hang_timeout / PROBES_PER_HANG_TIMEOUT s (at most every PROBE_EVERY_S), each answer awaited at most PROBE_TIMEOUT_S.
-WATCH_INTERVAL_S = 0.5
-PROBES_PER_HANG_TIMEOUT = 4
-PROBE_EVERY_S = 10.0
-PROBE_TIMEOUT_S = 5.0
-class ServerDied(Exception):
-    pass
-
-
-def co_located_spec(server: ServerConfig, port: int):
-    """The ServerSpec of the server a job starts for itself (cfg.server), listening on `port`."""
-    from servegen.server.command import ServerSpec, split_args
-
-    return ServerSpec(server_type=server.server_type, model=server.model, gpus=server.gpus, nodes=server.nodes,
-                      port=port, args=split_args(server.args))
-
-
-class CoLocatedServer(ManagedServer):
-    """The model server this job starts on its own node(s) (cfg.server), each start on a free
-    port, restarted (at most ++server.max_restarts times) when it dies or hangs (`watch`)."""
-
-    def __init__(self, cfg: GenerationConfig, log_dir: Path):
-        self.cfg = cfg.server
-        super().__init__(
-            co_located_spec(self.cfg, 1), load_cluster_config(cfg.cluster, cfg.config_dir),  # (port: each start's)
-            lambda n: log_dir / f"{self.cfg.server_type}-server-{n}.log", self.cfg.ready_timeout,
-            self.cfg.max_restarts, "++server.max_restarts", new_port=True,
-        )
-
-    def start(self) -> None:
-        super().start()
-        print(f"servegen: server ready at {self.address}", file=sys.stderr, flush=True)
-
-    @property
-    def address(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def watch(self, answered_at: Callable[[], float], busy: Callable[[], bool], request_timeout: float) -> None:
-        """Raise ServerDied when the server exits, or hangs (++server.hang_timeout = T): no sign of
-        life for T s (its readiness probe answered 200, or a request finished: `answered_at()`,
-        monotonic), or requests in flight (`busy()`) and none finished for max(T, request_timeout)
-        s, as an engine stuck behind a live HTTP front end is (a long generation is no hang)."""
-        hang = self.cfg.hang_timeout
-        every = max(WATCH_INTERVAL_S, min(PROBE_EVERY_S, (hang or 0) / PROBES_PER_HANG_TIMEOUT))
-        health = urllib.parse.urlsplit(self.process.health_url)
-        transport = FastTransport(health.hostname, health.port, {})
-        body = self.process.health_body.encode() if self.process.health_body is not None else None
-        probed_ok = probed_at = time.monotonic()
-        try:
-            while True:
-                await asyncio.sleep(WATCH_INTERVAL_S)
-                if not self.alive():
-                    raise ServerDied(f"the server exited with code {self.process.proc.returncode}")
-                if hang is None:
-                    continue
-                if time.monotonic() - probed_at >= every:
-                    probed_at = time.monotonic()
-                    try:
-                        response = await transport.request(self.process.health_method, health.path, body,
-                                                           min(PROBE_TIMEOUT_S, hang))
-                        if response.status == 200:
-                            probed_ok = time.monotonic()
-                    except (TransportError, TimeoutError):
-                        pass
-                now = time.monotonic()
-                if now - max(probed_ok, answered_at()) > hang:
-                    raise ServerDied(f"the server hangs: it answered neither its readiness probe nor a request "
-                                     f"for {hang:g} s (++server.hang_timeout)")
-                stalled = max(hang, request_timeout)
-                if busy() and now - answered_at() > stalled:
-                    raise ServerDied(f"the server hangs: it finished none of the requests in flight for {stalled:g} s "
-                                     "(++server.hang_timeout, or the request timeout if longer)")
-        finally:
-            await transport.close()
-
-
 class Job:
     def __init__(self, cfg: GenerationConfig):
         if not cfg.input_file:
-            raise ServegenError("++input_file is required")
+            raise ServegenError(f"{setting_name('input_file')} is required")
         if not cfg.output_dir:
-            raise ServegenError("++output_dir is required")
+            raise ServegenError(f"{setting_name('output_dir')} is required")
         self.cfg = cfg
         self.input = Path(cfg.input_file)
         if not self.input.is_file():
@@ -153,7 +73,8 @@ class Job:
         self.units = units_of(cfg)
         self.prompt = get_prompt(cfg.prompt_config, cfg.prompt_template, examples_type=cfg.examples_type)
         if cfg.server.address is None and not cfg.server.model:
-            raise ServegenError("give ++server.model (a server started in this job) or ++server.address")
+            raise ServegenError(f"give {setting_name('server.model')} (a server started in this job) "
+                                f"or {setting_name('server.address')}")
         # the other mistakes in the config fail here, before a server starts or a Slurm job queues
         self._client(cfg.server.address or "http://127.0.0.1")
         Plan(None, self._params(self.units[0]))
@@ -182,7 +103,7 @@ class Job:
         elif not connects(cfg.server.address):  # else every row would be written as failed
             raise ServegenError(
                 f"nothing answers at {cfg.server.address}: start the server first (servegen start_server) "
-                "or fix --server_address"
+                f"or fix {setting_name('server.address')}"
             )
         try:
             if self.server is not None:
@@ -205,7 +126,8 @@ class Job:
         if cfg.prompt_template is None:  # chat messages go one per request
             if per_request is not None and per_request > 1:
                 raise ServegenError(
-                    "++prompts_per_request needs string prompts (a ++prompt_template); chat messages go one per request"
+                    f"{setting_name('prompts_per_request')} needs string prompts (a {setting_name('prompt_template')}); "
+                    "chat messages go one per request"
                 )
             per_request = 1 if per_request is None else per_request
         cls = CLIENTS.get(cfg.server.server_type)  # an unknown one: get_model says so
@@ -226,7 +148,7 @@ class Job:
         while True:
             try:
                 with asyncio.Runner(loop_factory=new_event_loop) as runner:  # uvloop: less CPU per row
-                    stats = runner.run(self._generate(unit, path, start, stop))
+                    stats = runner.run(UnitRun(self, unit, path, start, stop).run())
                 break
             except ServerDied as e:
                 self.server.restart(str(e))
@@ -257,122 +179,32 @@ class Job:
             return self.prompt.build_string(row)
         return self.prompt.build_messages(row, drop_empty_system=True)
 
-    async def _generate(self, unit: Unit, path: Path, start: int, stop: int) -> dict:
-        cfg = self.cfg
-        writer = OrderedWriter(path, first_index=start)
-        already = writer.resume()
-        if writer.next_index > stop:
-            writer.close(complete=False)
-            raise ServegenError(
-                f"{path} has more rows than rows {start}..{stop - 1} of {self.input}: did the input change? "
-                "(--rerun_done starts over)"
-            )
-        client = self._client(self.server.address if self.server is not None else cfg.server.address)
-        window = WINDOW_PER_REQUEST * client.max_prompts_in_flight
+
+class UnitRun:
+    """One pass over the rows [start, stop) of one output against one server: the rows not yet
+    done are read, prompted, sent, and written back in input order (files.OrderedWriter), until
+    every row is written (the output complete) or something stops the pass, the rows done kept.
+    Its steps share the rows in flight, the writer, and when the server last answered."""
+
+    def __init__(self, job: Job, unit: Unit, path: Path, start: int, stop: int):
+        self.job, self.cfg, self.server = job, job.cfg, job.server
+        self.unit, self.path, self.start, self.stop = unit, path, start, stop
         # position in the request stream -> (row index, line number, row, start time)
-        in_flight: dict[int, tuple[int, int, dict, float]] = {}
-        moved = asyncio.Event()
-        bad_input: list[str] = []
+        self.in_flight: dict[int, tuple[int, int, dict, float]] = {}
+        self.bad_input: list[str] = []  # the first bad input line's error: it ends the reading
         # what an input row loses before the new results are added: all of an earlier job's results
-        replaced = frozenset(RESULT_FIELDS) | {cfg.generation_key}
-        # the monotonic time a request last finished, or the first was sent after none were in flight
-        answered_at = time.monotonic()
+        self.replaced = frozenset(RESULT_FIELDS) | {self.cfg.generation_key}
+        self.stats = RunStats()
 
-        async def prompts():
-            # done rows are skipped unparsed; the first bad line stops the reading, and the rows
-            # before it finish and are saved before the error is raised
-            nonlocal answered_at
-            rows = read_rows(self.input, start, stop, skip=writer.is_done)
-            position = 0
-            while True:
-                try:
-                    index, line_number, row = next(rows)
-                except StopIteration:
-                    return
-                except ServegenError as e:  # the message names the file and line
-                    bad_input.append(str(e))
-                    return
-                try:
-                    prompt = self._build(row)
-                except ServegenError as e:
-                    bad_input.append(f"{self.input}:{line_number}: {e}")
-                    return
-                while index - writer.next_index >= window:
-                    moved.clear()
-                    await moved.wait()
-                now = time.monotonic()
-                if not in_flight:  # a quiet spell is not the server's silence
-                    answered_at = now
-                in_flight[position] = (index, line_number, row, now)
-                position += 1
-                yield prompt
-
-        stats = RunStats()
-        bar = tqdm(
-            total=stop - start, initial=already, unit="row", file=sys.stderr, dynamic_ncols=True,
-            desc=unit.file_name(), mininterval=1 if sys.stderr.isatty() else 30,
-        )
-
-        def server_died() -> bool:
-            return self.server is not None and not self.server.alive()
-
-        def stop_if_server_gone(error: str) -> None:
-            # a failed request to a server that no longer takes connections is the server's
-            # fault, not the row's: stop, keeping what is done, instead of writing failed rows
-            if self.server is None and not connects(cfg.server.address):
-                raise ServegenError(
-                    f"the server at {cfg.server.address} stopped answering ({error}); the rows done are kept "
-                    f"in {path}: run the job again to resume"
-                )
-
-        async def consume():
-            try:
-                async with contextlib.aclosing(client.generate_iter_async(prompts(), **self._params(unit))) as results:
-                    async for position, result in results:
-                        handle(position, result)
-            except ModelUnknown as e:
-                if self.server is not None:  # the job's own server: not something a flag fixes
-                    raise
-                raise ServegenError(
-                    f"cannot find out which model the server at {cfg.server.address} serves ({e.cause}); "
-                    "pass --model with the name it serves"
-                ) from None
-            except InferenceError as e:  # ++soft_fail=false
-                if server_died():
-                    raise ServerDied("the server died") from None
-                stop_if_server_gone(str(e))
-                if e.index not in in_flight:
-                    raise
-                line_number = in_flight[e.index][1]
-                raise ServegenError(
-                    f"{self.input}:{line_number}: {str(e).removeprefix(f'prompt {e.index}: ')} "
-                    "(with ++soft_fail=true a failed request gives a row with an `error` field)"
-                ) from None
-
-        def handle(position: int, result: dict) -> None:
-            nonlocal answered_at
-            index, _, row, started = in_flight.pop(position)
-            if "error" in result:
-                if server_died():
-                    raise ServerDied("the server died")  # its requests are redone after the restart
-                stop_if_server_gone(result["error"])
-            out = row if replaced.isdisjoint(row) else {k: v for k, v in row.items() if k not in replaced}
-            out = {**out, **{k: v for k, v in result.items() if k != "generation"}}
-            out[cfg.generation_key] = result["generation"]
-            writer.add(index, out)
-            moved.set()
-            now = answered_at = time.monotonic()
-            stats.add(now - started, result.get("num_generated_tokens") or 0, "error" in result)
-            bar.update(1)
-            bar.set_postfix_str(f"{stats.tokens / max(stats.elapsed(), 1e-9):.0f} tok/s", refresh=False)
-
-        complete = False
+    async def run(self) -> dict:
+        """The pass: its summary's numbers when every row is written, else an error."""
+        self._resume()
         async with on_loop() as stopped:  # SIGTERM, SIGINT, SIGHUP: see servegen/cli.py
             signalled = asyncio.ensure_future(stopped.wait())
-            tasks = [asyncio.ensure_future(consume())]
+            tasks = [asyncio.ensure_future(self._consume())]
             if self.server is not None:
-                tasks.append(asyncio.ensure_future(
-                    self.server.watch(lambda: answered_at, lambda: bool(in_flight), client.timeout)))
+                tasks.append(asyncio.ensure_future(self.server.watch(
+                    lambda: self.answered_at, lambda: bool(self.in_flight), self.client.timeout)))
             try:
                 done, _ = await asyncio.wait([signalled, *tasks], return_when=asyncio.FIRST_COMPLETED)
                 if signalled in done:
@@ -383,15 +215,123 @@ class Job:
                 for task in (signalled, *tasks):
                     task.cancel()
                 await asyncio.gather(signalled, *tasks, return_exceptions=True)
-                await client.aclose()
-                bar.close()
-                complete = not bad_input and writer.next_index == stop and not writer.waiting
-                writer.close(complete=complete)
-        if bad_input:
-            raise ServegenError(bad_input[0] + " (rows before it are saved; fix the line and run again)")
+                complete = await self._close()
+        if self.bad_input:
+            raise ServegenError(self.bad_input[0] + " (rows before it are saved; fix the line and run again)")
         if not complete:  # never marked done: a run again resumes
-            raise RuntimeError(f"the requests ended but {path} lacks rows from {writer.next_index}")
-        return stats.as_dict()
+            raise RuntimeError(f"the requests ended but {self.path} lacks rows from {self.writer.next_index}")
+        return self.stats.as_dict()
+
+    def _resume(self) -> None:
+        """Open the output where an earlier pass left it; the client, the window, the progress bar."""
+        self.writer = OrderedWriter(self.path, first_index=self.start)
+        already = self.writer.resume()
+        if self.writer.next_index > self.stop:
+            self.writer.close(complete=False)
+            raise ServegenError(
+                f"{self.path} has more rows than rows {self.start}..{self.stop - 1} of {self.job.input}: did the "
+                f"input change? ({setting_name('rerun_done')} starts over)"
+            )
+        self.client = self.job._client(self.server.address if self.server is not None else self.cfg.server.address)
+        self.window = WINDOW_PER_REQUEST * self.client.max_prompts_in_flight
+        self.moved = asyncio.Event()  # a row was written: the window may move on
+        # the monotonic time a request last finished, or the first was sent after none were in flight
+        self.answered_at = time.monotonic()
+        self.bar = tqdm(
+            total=self.stop - self.start, initial=already, unit="row", file=sys.stderr, dynamic_ncols=True,
+            desc=self.unit.file_name(), mininterval=1 if sys.stderr.isatty() else 30,
+        )
+
+    async def _close(self) -> bool:
+        """Close the client, the bar and the output (marked complete if every row is in it)."""
+        await self.client.aclose()
+        self.bar.close()
+        complete = not self.bad_input and self.writer.next_index == self.stop and not self.writer.waiting
+        self.writer.close(complete=complete)
+        return complete
+
+    async def _prompts(self):
+        # done rows are skipped unparsed; the first bad line stops the reading, and the rows
+        # before it finish and are saved before the error is raised
+        rows = read_rows(self.job.input, self.start, self.stop, skip=self.writer.is_done)
+        position = 0
+        while True:
+            try:
+                index, line_number, row = next(rows)
+            except StopIteration:
+                return
+            except ServegenError as e:  # the message names the file and line
+                self.bad_input.append(str(e))
+                return
+            try:
+                prompt = self.job._build(row)
+            except ServegenError as e:
+                self.bad_input.append(f"{self.job.input}:{line_number}: {e}")
+                return
+            while index - self.writer.next_index >= self.window:
+                self.moved.clear()
+                await self.moved.wait()
+            now = time.monotonic()
+            if not self.in_flight:  # a quiet spell is not the server's silence
+                self.answered_at = now
+            self.in_flight[position] = (index, line_number, row, now)
+            position += 1
+            yield prompt
+
+    async def _consume(self) -> None:
+        cfg = self.cfg
+        try:
+            params = self.job._params(self.unit)
+            async with contextlib.aclosing(self.client.generate_iter_async(self._prompts(), **params)) as results:
+                async for position, result in results:
+                    self._write(position, result)
+        except ModelUnknown as e:
+            if self.server is not None:  # the job's own server: not something a flag fixes
+                raise
+            raise ServegenError(
+                f"cannot find out which model the server at {cfg.server.address} serves ({e.cause}); "
+                f"pass {setting_name('server.model')} with the name it serves"
+            ) from None
+        except InferenceError as e:  # ++soft_fail=false
+            if self._server_died():
+                raise ServerDied("the server died") from None
+            self._stop_if_server_gone(str(e))
+            if e.index not in self.in_flight:
+                raise
+            line_number = self.in_flight[e.index][1]
+            raise ServegenError(
+                f"{self.job.input}:{line_number}: {str(e).removeprefix(f'prompt {e.index}: ')} "
+                f"(with {setting_name('soft_fail')}=true a failed request gives a row with an `error` field)"
+            ) from None
+
+    def _write(self, position: int, result: dict) -> None:
+        index, _, row, started = self.in_flight.pop(position)
+        if "error" in result:
+            if self._server_died():
+                raise ServerDied("the server died")  # its requests are redone after the restart
+            self._stop_if_server_gone(result["error"])
+        out = row if self.replaced.isdisjoint(row) else {k: v for k, v in row.items() if k not in self.replaced}
+        out = {**out, **{k: v for k, v in result.items() if k != "generation"}}
+        out[self.cfg.generation_key] = result["generation"]
+        self.writer.add(index, out)
+        self.moved.set()
+        now = self.answered_at = time.monotonic()
+        self.stats.add(now - started, result.get("num_generated_tokens") or 0, "error" in result)
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"{self.stats.tokens / max(self.stats.elapsed(), 1e-9):.0f} tok/s", refresh=False)
+
+    def _server_died(self) -> bool:
+        return self.server is not None and not self.server.alive()
+
+    def _stop_if_server_gone(self, error: str) -> None:
+        # a failed request to a server that no longer takes connections is the server's fault,
+        # not the row's: stop, keeping what is done, instead of writing failed rows
+        address = self.cfg.server.address
+        if self.server is None and not connects(address):
+            raise ServegenError(
+                f"the server at {address} stopped answering ({error}); the rows done are kept "
+                f"in {self.path}: run the job again to resume"
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from servegen.errors import ServegenError
-from servegen.generation.config import GenerationConfig
+from servegen.generation.config import GenerationConfig, setting_name
 from servegen.generation.files import done_marker, merge_chunks, merge_lock
 from servegen.generation.lock import OutputLocks
 from servegen.generation.summary import merge_summaries, summary_path
@@ -37,19 +37,20 @@ class Unit:
 
 def units_of(cfg: GenerationConfig) -> list[Unit]:
     if cfg.num_chunks < 1:
-        raise ServegenError(f"--num_chunks must be 1 or more, got {cfg.num_chunks}")
+        raise ServegenError(f"{setting_name('num_chunks')} must be 1 or more, got {cfg.num_chunks}")
     chunks: list[int | None] = [None]
     if cfg.num_chunks > 1:
         # each once: two Slurm tasks writing one file would interleave their rows
         chunks = list(range(cfg.num_chunks)) if cfg.chunk_ids is None else list(dict.fromkeys(cfg.chunk_ids))
         bad = [c for c in chunks if not 0 <= c < cfg.num_chunks]
         if bad:
-            raise ServegenError(f"--chunk_ids {bad} are outside 0..{cfg.num_chunks - 1} (--num_chunks {cfg.num_chunks})")
+            raise ServegenError(f"{setting_name('chunk_ids')} {bad} are outside 0..{cfg.num_chunks - 1} "
+                                f"({setting_name('num_chunks')} {cfg.num_chunks})")
     elif cfg.chunk_ids not in (None, [0]):
-        raise ServegenError("--chunk_ids needs --num_chunks 2 or more")
+        raise ServegenError(f"{setting_name('chunk_ids')} needs {setting_name('num_chunks')} 2 or more")
     seeds = list(dict.fromkeys(cfg.random_seeds)) if cfg.random_seeds is not None else [None]
     if not seeds:
-        raise ServegenError("++random_seeds is empty; give at least one seed (--random_seeds), or null for output.jsonl")
+        raise ServegenError(f"{setting_name('random_seeds')} is empty: give at least one seed, or none for output.jsonl")
     return [Unit(seed, chunk, cfg.num_chunks) for seed in seeds for chunk in chunks]
 
 

@@ -5,18 +5,51 @@ import argparse
 
 from servegen.cluster.config import ClusterConfig, Resources, check_cpus, check_memory, parse_slurm_time
 from servegen.errors import ServegenError
-from servegen.server import SERVER_TYPES
+from servegen.generation.config import FLAGS
 from servegen.server.command import ServerCommand, ServerSpec, split_args
 
 
-def add_server_flags(parser: argparse.ArgumentParser, required: bool) -> None:
-    parser.add_argument("--model", required=required, help="model folder (or name the engine understands)")
-    parser.add_argument("--server_type", required=required, choices=SERVER_TYPES, help="inference engine")
-    parser.add_argument(
-        "--server_gpus", type=int, required=required, help="GPUs per node the server uses (0: CPU, vllm and hf only)"
-    )
-    parser.add_argument("--server_nodes", type=int, default=1, help="nodes the server spans (default: 1)")
-    parser.add_argument("--server_args", default="", help="extra engine flags, appended last so they win")
+SERVER_KEYS = ("server.model", "server.server_type", "server.gpus", "server.nodes", "server.args")
+STARTING_A_SERVER_NEEDS = ("server.model", "server.server_type", "server.gpus")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, keys: tuple[str, ...], required: tuple[str, ...] = (),
+                     given_only: bool = False) -> None:
+    """The flags of these job config keys, as declared beside the keys (generation/config.py).
+    given_only: a flag not given is None (`flag_values` leaves it out), not the key's default."""
+    for key in keys:
+        setting = FLAGS[key]
+        kwargs = dict(setting.metadata["argparse"], help=setting.metadata["help"])
+        if key in required:
+            kwargs["required"] = True
+        elif setting.default not in (None, "", False) and "default" not in kwargs["help"]:
+            kwargs["help"] += f" (default: {setting.default})"
+        default = None if given_only or kwargs.get("action") == "store_true" else setting.default
+        parser.add_argument(setting.metadata["flag"], dest=_dest(key), default=default, **kwargs)
+
+
+def flag_values(args: argparse.Namespace, keys: tuple[str, ...]) -> dict[str, object]:
+    """The config values of the flags given (`given_only` flags), keyed by config key."""
+    out = {}
+    for key in keys:
+        text = getattr(args, _dest(key))
+        if text is not None and text is not False:  # (0 is a value)
+            parse = FLAGS[key].metadata["parse"]
+            out[key] = parse(text, FLAGS[key].metadata["flag"]) if parse else text
+    return out
+
+
+def _dest(key: str) -> str:
+    return FLAGS[key].metadata["flag"].removeprefix("--")
+
+
+def add_server_flags(parser: argparse.ArgumentParser, starts_here: bool) -> None:
+    """starts_here: start_server's (the server's flags required); else generate's (given or not)."""
+    if starts_here:
+        add_config_flags(parser, SERVER_KEYS, required=STARTING_A_SERVER_NEEDS)
+    else:
+        add_config_flags(parser, SERVER_KEYS, given_only=True)
+    # start_server's: the job's own server always listens on a free port of 127.0.0.1
     parser.add_argument("--server_port", type=int, help="port to listen on (default: a free one)")
     parser.add_argument(
         "--server_host",

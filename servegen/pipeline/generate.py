@@ -16,15 +16,18 @@ from pathlib import Path
 from servegen.cluster.config import ClusterConfig, load_cluster_config
 from servegen.cluster.jobs import JobFailed, JobSpec, local_commands_text, run_local
 from servegen.errors import ServegenError
-from servegen.generation.config import GenerationConfig, build_config, to_overrides
+from servegen.generation.config import FLAGS, GenerationConfig, build_config, setting_name, to_overrides
 from servegen.overrides import parse_overrides
-from servegen.generation.job import Job, co_located_spec
+from servegen.generation.colocated import co_located_spec
+from servegen.generation.job import Job
 from servegen.generation.outputs import Unit, forget_outputs, merge_finished, output_done, output_locks
 from servegen.generation.job import main as job_main  # what a local job's forked child runs
 from servegen.pipeline.common import (
     PORT_SHOWN,
+    add_config_flags,
     add_resource_flags,
     add_server_flags,
+    flag_values,
     head_ports_note,
     parse_time_limit,
     resources_from,
@@ -51,18 +54,15 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
         epilog=_sampling_help(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--cluster", default="local", help="cluster config name or path (default: local)")
-    parser.add_argument("--config_dir", help="folder to look for cluster configs in first")
-    parser.add_argument("--input_file", required=True, help="JSONL dataset, one row per line")
-    parser.add_argument("--output_dir", required=True, help="where output*.jsonl and their .done markers go")
-    add_server_flags(parser, required=False)
-    parser.add_argument("--server_address", help="use a running server (http://host:port) instead of starting one")
+    add_config_flags(parser, ("cluster", "config_dir"))
+    add_config_flags(parser, ("input_file", "output_dir"), required=("input_file", "output_dir"))
+    add_server_flags(parser, starts_here=False)
+    add_config_flags(parser, ("server.address",), given_only=True)
     parser.add_argument("--expname", default="generate", help="experiment name: the Slurm job name after the prefix")
-    parser.add_argument("--num_chunks", type=int, default=1, help="split the dataset into N parts run as N jobs")
-    parser.add_argument("--chunk_ids", help="only these chunks, e.g. 0,3 or 0-2")
+    add_config_flags(parser, ("num_chunks", "chunk_ids"), given_only=True)
     parser.add_argument("--num_random_seeds", type=int, help="K generations with seeds starting_seed..+K-1")
     parser.add_argument("--starting_seed", type=int, default=0, help="first seed of --num_random_seeds (default 0)")
-    parser.add_argument("--random_seeds", help="these seeds, e.g. 0,5,7")
+    add_config_flags(parser, ("random_seeds",), given_only=True)
     parser.add_argument("--dependent_jobs", type=int, default=0,
                         help="N follow-up jobs that resume where a timed-out one stopped (Slurm)")
     parser.add_argument("--run_after", action="append", default=[],
@@ -71,8 +71,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     parser.add_argument("--time_limit", help="job time limit, minutes or a Slurm time (default: the config's)")
     add_resource_flags(parser)
     parser.add_argument("--time_min", help="sbatch --time-min: Slurm may shorten the limit down to this")
-    parser.add_argument("--log_dir", help="job and server logs (default: <output_dir>/logs)")
-    parser.add_argument("--rerun_done", action="store_true", help="run again even where output is done")
+    add_config_flags(parser, ("log_dir", "rerun_done"), given_only=True)
     parser.add_argument("--dry_run", action="store_true", help="print every sbatch script or local command and exit")
     args, rest = parser.parse_known_args(argv)
     unknown = [a for a in rest if not (a.startswith("+") or "=" in a and not a.startswith("-"))]
@@ -89,13 +88,12 @@ def _generate(argv: list[str] | None) -> int:
     args, overrides = parse_args(argv)
     cluster = load_cluster_config(args.cluster, args.config_dir)
     resources = resources_from(args, cluster)
-    seeds = _seeds(args)
-    cfg = _job_config(args, cluster, seeds, overrides)
+    cfg = _job_config(args, cluster, overrides)
     typed = {key for key, _ in parse_overrides(overrides)}
     units = Job(cfg).units  # checks the whole config here, before anything runs or queues
     log_dir = Path(cfg.log_dir)
     # here, not in the jobs: a requeued or follow-up job must keep what its first run wrote
-    rerun_done, cfg.rerun_done = args.rerun_done or cfg.rerun_done, False
+    rerun_done, cfg.rerun_done = cfg.rerun_done, False
     if rerun_done and not args.dry_run and Path(cfg.output_dir).is_dir():
         with output_locks(Path(cfg.output_dir), units):  # not under a job that writes them now
             forget_outputs(Path(cfg.output_dir), units)
@@ -185,60 +183,40 @@ def _follow_up(job: JobSpec, i: int) -> JobSpec:
     return JobSpec(**{**job.__dict__, "name": follow_up_name(job.name, i), "dependencies": []})
 
 
-def _seeds(args) -> list[int] | None:
-    if args.random_seeds and args.num_random_seeds is not None:
+def _seeds(args, given: dict) -> list[int] | None:
+    if "random_seeds" in given and args.num_random_seeds is not None:
         raise ServegenError("give --random_seeds or --num_random_seeds, not both")
     if args.starting_seed and args.num_random_seeds is None:
         raise ServegenError("--starting_seed is the first seed of --num_random_seeds; give that too")
-    if args.random_seeds:
-        return _int_list(args.random_seeds, "--random_seeds")
     if args.num_random_seeds is not None:
         if args.num_random_seeds < 1:
             raise ServegenError(f"--num_random_seeds must be 1 or more, got {args.num_random_seeds}")
         return list(range(args.starting_seed, args.starting_seed + args.num_random_seeds))
-    return None
+    return given.get("random_seeds")
 
 
-def _int_list(text: str, flag: str) -> list[int]:
-    """0,3,5 or 0-2 (inclusive) or a mix."""
-    out = []
-    try:
-        for part in text.split(","):
-            lo, sep, hi = part.strip().partition("-")
-            out += list(range(int(lo), int(hi) + 1)) if sep else [int(lo)]
-    except ValueError:
-        raise ServegenError(f"{flag} must look like 0,3,5 or 0-2, got {text!r}") from None
-    return out
-
-
-def _job_config(args, cluster: ClusterConfig, seeds: list[int] | None, overrides: list[str]) -> GenerationConfig:
-    if args.server_address:
-        started_here = {"--server_gpus": args.server_gpus is not None, "--server_nodes": args.server_nodes != 1,
-                        "--server_args": bool(args.server_args), "--server_port": args.server_port is not None,
-                        "--server_host": args.server_host is not None}
-        for flag, given in started_here.items():
-            if given:
-                raise ServegenError(f"--server_address uses a running server; {flag} is for a server started here")
-    elif not (args.model and args.server_gpus is not None):
+def _job_config(args, cluster: ClusterConfig, overrides: list[str]) -> GenerationConfig:
+    """The job config: the flags given (each sets its key, FLAGS), then the ++overrides."""
+    given = flag_values(args, tuple(FLAGS))
+    if "server.address" in given:
+        started_here = [setting_name(key) for key in ("server.gpus", "server.nodes", "server.args") if key in given]
+        started_here += [flag for flag in ("--server_port", "--server_host") if getattr(args, flag[2:]) is not None]
+        if started_here:
+            raise ServegenError(f"{setting_name('server.address')} uses a running server; "
+                                f"{started_here[0]} is for a server started here")
+    elif not ("server.model" in given and "server.gpus" in given):
         raise ServegenError("give --model, --server_type and --server_gpus to start a server, or --server_address")
     elif args.server_port is not None or args.server_host is not None:
         raise ServegenError("the job's own server listens on a free port of 127.0.0.1; "
                             "--server_port and --server_host are for start_server")
-    base = [f"++input_file={_abs(args.input_file)}", f"++output_dir={_abs(args.output_dir)}",
-            f"++cluster={cluster.path.resolve()}", f"++num_chunks={args.num_chunks}"]
-    cfg = build_config(base)
-    cfg.server.server_type = args.server_type or "vllm"
-    cfg.server.address = args.server_address
-    cfg.server.model = args.model
-    cfg.server.gpus = args.server_gpus or 0
-    cfg.server.nodes = args.server_nodes
-    cfg.server.args = args.server_args
-    split_args(args.server_args)  # a bad --server_args fails here, not in the job
-    if args.chunk_ids:
-        cfg.chunk_ids = _int_list(args.chunk_ids, "--chunk_ids")
-    cfg.random_seeds = seeds
-    cfg.log_dir = str(_abs(args.log_dir or Path(args.output_dir) / "logs"))
-    cfg = build_config(overrides, base=cfg)
+    split_args(given.get("server.args", ""))  # a bad --server_args fails here, not in the job
+    for key in ("input_file", "output_dir", "log_dir"):
+        if key in given:
+            given[key] = str(_abs(given[key]))
+    given.setdefault("log_dir", str(Path(given["output_dir"]) / "logs"))
+    given["cluster"] = str(cluster.path.resolve())
+    given["random_seeds"] = _seeds(args, given)
+    cfg = build_config(overrides, values=given)
     if not Path(cfg.input_file).is_file():
         raise ServegenError(f"--input_file {args.input_file} does not exist")
     return cfg

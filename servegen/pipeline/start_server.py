@@ -25,6 +25,7 @@ from servegen.cluster.managed import ManagedServer
 from servegen.errors import ServegenError, ServerError
 from servegen.pipeline.common import (
     PORT_SHOWN,
+    add_config_flags,
     add_resource_flags,
     add_server_flags,
     head_ports_note,
@@ -42,9 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         prog="servegen start_server",
         description="Start a model server, wait until it is healthy and print its address.",
     )
-    parser.add_argument("--cluster", default="local", help="cluster config name or path (default: local)")
-    parser.add_argument("--config_dir", help="folder to look for cluster configs in first")
-    add_server_flags(parser, required=True)
+    add_config_flags(parser, ("cluster", "config_dir"))
+    add_server_flags(parser, starts_here=True)
     parser.add_argument(
         "--log_dir", default="servegen_logs", help="folder for the server (and job) logs (default: ./servegen_logs)"
     )

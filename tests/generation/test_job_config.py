@@ -84,3 +84,38 @@ def test_a_plain_job_command_line_does_not_import_hydra():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "0.7", "[]"]
+
+
+def test_one_table_from_flag_to_config_key_drives_the_parser_the_docs_and_the_messages(tmp_path):
+    import re
+    from pathlib import Path
+
+    from servegen.errors import ServegenError
+    from servegen.generation.config import FLAGS, GenerationConfig, setting_name
+    from servegen.generation.job import Job
+    from servegen.pipeline.generate import parse_args
+
+    docs = (Path(__file__).parents[2] / "docs" / "generation.md").read_text()
+    set_by = dict(re.findall(r"^\| `([\w.]+)` \|[^|]*\| set by `(--\w+)`", docs, re.M))
+    assert set_by == {key: f.metadata["flag"] for key, f in FLAGS.items()}
+    # every flag of the parser is a row of the docs' flags table, and the other way round
+    rows = re.findall(r"^\| (`--\w+[^`]*`(?:, `--\w+[^`]*`)*) \|", docs, re.M)
+    flags_table = {flag for row in rows for flag in re.findall(r"`(--\w+)", row)}
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}\n")
+    args, _ = parse_args(["--input_file", str(data), "--output_dir", str(tmp_path)])
+    parsed = {"--" + name for name in vars(args)}
+    assert parsed == flags_table
+    # a flag's value becomes its key's: in the parser's namespace under the flag's name
+    args, _ = parse_args(["--input_file", "x", "--output_dir", "y", "--model", "m", "--server_nodes", "2",
+                          "--chunk_ids", "0-2", "--num_chunks", "0"])
+    from servegen.pipeline.common import flag_values
+
+    assert flag_values(args, tuple(FLAGS)) == {"input_file": "x", "output_dir": "y", "server.model": "m",
+                                               "server.nodes": 2, "chunk_ids": [0, 1, 2], "num_chunks": 0,
+                                               "cluster": "local"}
+    # the job names a setting by its flag where it has one, else as ++key
+    assert (setting_name("server.address"), setting_name("server.max_restarts")) == ("--server_address",
+                                                                                     "++server.max_restarts")
+    with pytest.raises(ServegenError, match="^--input_file is required$"):
+        Job(GenerationConfig())
