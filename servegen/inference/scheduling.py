@@ -87,87 +87,87 @@ class IterJob:
         self.tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
+        """Start the workers (max_concurrent_requests of them) in one task that ends in the queue."""
         client = self.client
-        state = client._state()
-        await client._ensure_model(state)
-        workers = client.max_concurrent_requests
-        size = client.prompts_per_request
+        self.state = client._state()
+        await client._ensure_model(self.state)
+        self.size = client.prompts_per_request
         self.results: asyncio.Queue = asyncio.Queue(maxsize=client.max_prompts_in_flight)
-        is_async = isinstance(self.source, AsyncIterable)
-        source = aiter(self.source) if is_async else iter(self.source)
-        lock = asyncio.Lock()
-        counter = 0
-        exhausted = False
-        held = None  # an item taken that did not fit the batch before it: the next batch starts with it
+        self.is_async = isinstance(self.source, AsyncIterable)
+        self.items = aiter(self.source) if self.is_async else iter(self.source)
+        self.lock = asyncio.Lock()
+        self.counter = 0
+        self.exhausted = False
+        self.held = None  # an item taken that did not fit the batch before it: the next batch starts with it
+        self.tasks = [asyncio.get_running_loop().create_task(self._run(client.max_concurrent_requests))]
 
-        async def next_item():
-            """(index, prompt, params) of the next item, or None at the end."""
-            nonlocal counter, exhausted, held
-            if held is not None:
-                item, held = held, None
-                return item
-            if exhausted:
-                return None
+    async def _run(self, workers: int) -> None:
+        try:
+            await run_workers([self._worker() for _ in range(workers)])
+            await self.results.put(DONE)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:
+            await self.results.put(e)
+
+    async def _worker(self) -> None:
+        budget = self.state.budget
+        while batch := await self._take():
+            indices = [item[0] for item in batch]
+            try:  # the room is the batch's until its results are in the queue
+                rows = await self.client._rows(self.state, [item[1] for item in batch], batch[0][2], indices,
+                                               self.soft_fail)
+                error = None
+                for index, row in zip(indices, rows):
+                    if isinstance(row, BaseException):
+                        error = error or row
+                    else:
+                        await self.results.put((index, row))
+            finally:
+                budget.release(len(batch))
+            if error is not None:  # after the rows that did finish
+                raise error
+
+    async def _take(self) -> list:
+        """The next items to send together, taken under one lock (an async generator takes one
+        __anext__ at a time, and only the newest items can wait in a batch), after room for them
+        is reserved."""
+        size, budget = self.size, self.state.budget
+        async with self.lock:
+            await budget.reserve(size)
+            batch = []
             try:
-                item = await anext(source) if is_async else next(source)
-            except (StopAsyncIteration, StopIteration):
-                exhausted = True
-                return None
-            counter += 1
-            return (counter - 1, *self.plan.for_item(item))
-
-        async def take() -> list:
-            """The next items to send together, taken under one lock (an async generator takes
-            one __anext__ at a time, and only the newest items can wait in a batch), after room
-            for them is reserved."""
-            nonlocal held
-            async with lock:
-                await state.budget.reserve(size)
-                batch = []
-                try:
-                    first = await next_item()
-                    if first is not None:
-                        batch.append(first)
-                        if size > 1 and isinstance(first[1], str):
-                            p = first[2]
-                            while len(batch) < size and (item := await next_item()) is not None:
-                                if isinstance(item[1], str) and (item[2] is p or item[2] == p):
-                                    batch.append(item)
-                                else:
-                                    held = item
-                                    break
-                except BaseException:  # a bad item, or cancelled: the call ends, its room goes back
-                    state.budget.release(size)
-                    raise
-                state.budget.release(size - len(batch))
-                return batch
-
-        async def worker():
-            while batch := await take():
-                indices = [item[0] for item in batch]
-                try:  # the room is the batch's until its results are in the queue
-                    rows = await client._rows(state, [item[1] for item in batch], batch[0][2], indices, self.soft_fail)
-                    error = None
-                    for index, row in zip(indices, rows):
-                        if isinstance(row, BaseException):
-                            error = error or row
-                        else:
-                            await self.results.put((index, row))
-                finally:
-                    state.budget.release(len(batch))
-                if error is not None:  # after the rows that did finish
-                    raise error
-
-        async def run():
-            try:
-                await run_workers([worker() for _ in range(workers)])
-                await self.results.put(DONE)
-            except asyncio.CancelledError:
+                first = await self._next_item()
+                if first is not None:
+                    batch.append(first)
+                    if size > 1 and isinstance(first[1], str):
+                        p = first[2]
+                        while len(batch) < size and (item := await self._next_item()) is not None:
+                            if isinstance(item[1], str) and (item[2] is p or item[2] == p):
+                                batch.append(item)
+                            else:
+                                self.held = item
+                                break
+            except BaseException:  # a bad item, or cancelled: the call ends, its room goes back
+                budget.release(size)
                 raise
-            except BaseException as e:
-                await self.results.put(e)
+            budget.release(size - len(batch))
+            return batch
 
-        self.tasks = [asyncio.get_running_loop().create_task(run())]
+    async def _next_item(self):
+        """(index, prompt, params) of the next item, or None at the end."""
+        if self.held is not None:
+            item, self.held = self.held, None
+            return item
+        if self.exhausted:
+            return None
+        try:
+            item = await anext(self.items) if self.is_async else next(self.items)
+        except (StopAsyncIteration, StopIteration):
+            self.exhausted = True
+            return None
+        self.counter += 1
+        return (self.counter - 1, *self.plan.for_item(item))
 
     async def take_ready(self) -> list:
         """At least one result, and every other one already waiting (fewer thread hops)."""

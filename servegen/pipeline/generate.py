@@ -91,29 +91,37 @@ def _generate(argv: list[str] | None) -> int:
     cfg = _job_config(args, cluster, overrides)
     typed = {key for key, _ in parse_overrides(overrides)}
     units = Job(cfg).units  # checks the whole config here, before anything runs or queues
-    log_dir = Path(cfg.log_dir)
     # here, not in the jobs: a requeued or follow-up job must keep what its first run wrote
     rerun_done, cfg.rerun_done = cfg.rerun_done, False
     if rerun_done and not args.dry_run and Path(cfg.output_dir).is_dir():
         with output_locks(Path(cfg.output_dir), units):  # not under a job that writes them now
             forget_outputs(Path(cfg.output_dir), units)
-
     if cluster.executor == "local":
-        if args.dependent_jobs or args.run_after:
-            raise ServegenError("--dependent_jobs and --run_after need a Slurm cluster; locally jobs run in order")
-        job = JobSpec(name=args.expname, commands=[_command(cfg, typed)], env=cluster.env_vars, log_dir=log_dir)
-        if args.dry_run:
-            print(local_commands_text(job), end="")
-            _print_server_launch(cfg, cluster, in_slurm=False)
-            return 0
-        try:
-            run_local(job, body=job_main)
-        except JobFailed as e:
-            if e.code < 0:  # killed by a signal: it could not say why
-                raise
-            return e.code  # the job printed its own one-line error
-        return 0
+        return _run_here(args, cfg, cluster, typed)
+    return _submit(args, cfg, cluster, resources, typed, units, rerun_done)
 
+
+def _run_here(args, cfg: GenerationConfig, cluster: ClusterConfig, typed: set[str]) -> int:
+    """One job on this machine: every unit in turn, in a forked child (or the dry run's command)."""
+    if args.dependent_jobs or args.run_after:
+        raise ServegenError("--dependent_jobs and --run_after need a Slurm cluster; locally jobs run in order")
+    job = JobSpec(name=args.expname, commands=[_command(cfg, typed)], env=cluster.env_vars, log_dir=Path(cfg.log_dir))
+    if args.dry_run:
+        print(local_commands_text(job), end="")
+        _print_server_launch(cfg, cluster, in_slurm=False)
+        return 0
+    try:
+        run_local(job, body=job_main)
+    except JobFailed as e:
+        if e.code < 0:  # killed by a signal: it could not say why
+            raise
+        return e.code  # the job printed its own one-line error
+    return 0
+
+
+def _submit(args, cfg: GenerationConfig, cluster: ClusterConfig, resources, typed: set[str], units: list[Unit],
+            rerun_done: bool) -> int:
+    """The units not done as a Slurm job (an array of one task per unit), then its follow-ups."""
     from servegen.cluster import slurm
 
     if not args.dry_run:
@@ -122,12 +130,11 @@ def _generate(argv: list[str] | None) -> int:
     if not todo:
         print(f"servegen: every output is already done in {args.output_dir}; --rerun_done runs it again")
         return 0
-    commands = [_command(cfg, typed, unit) for unit in todo]
     job = JobSpec(
         name=args.expname,
-        commands=commands,
+        commands=[_command(cfg, typed, unit) for unit in todo],
         env=cluster.env_vars,
-        log_dir=log_dir,
+        log_dir=Path(cfg.log_dir),
         nodes=cfg.server.nodes if cfg.server.address is None else 1,
         gpus_per_node=cfg.server.gpus if cfg.server.address is None else 0,
         partition=args.partition,
