@@ -16,3 +16,8 @@ class ConfigError(ServegenError):
 
 class ServerError(ServegenError):
     """A model server that died, never became ready, or could not be started."""
+
+
+class ConversionError(ServegenError):
+    """A model folder a conversion cannot take (missing, partial, unsupported), or a target it
+    cannot write; the message names the folder and what to fix."""
