@@ -2,6 +2,7 @@
 time limits."""
 
 import argparse
+import sys
 
 from servegen.cluster.config import ClusterConfig, Resources, check_cpus, check_memory, parse_slurm_time
 from servegen.errors import ServegenError
@@ -115,3 +116,23 @@ def resources_from(args: argparse.Namespace, cluster: ClusterConfig) -> Resource
         mem_per_gpu=None if args.mem_per_gpu is None else check_memory(args.mem_per_gpu, "--mem_per_gpu"),
         exclusive=args.exclusive,
     )
+
+
+def add_run_after_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--run_after", action="append", default=[],
+                        help="start after the jobs of this experiment name finish (Slurm; repeatable)")
+
+
+def run_after_ids(names: list[str], cluster: ClusterConfig) -> list[str]:
+    """The Slurm job ids of the experiments named (their follow-ups too); one that has none is
+    said, not waited for."""
+    from servegen.cluster.slurm import jobs_named
+
+    ids = []
+    for name in names:
+        found = jobs_named(cluster.job_name_prefix + name)
+        if not found:
+            print(f"servegen: no pending or running job named {cluster.job_name_prefix}{name}; not waiting for it",
+                  file=sys.stderr)
+        ids += found
+    return ids

@@ -26,11 +26,13 @@ from servegen.pipeline.common import (
     PORT_SHOWN,
     add_config_flags,
     add_resource_flags,
+    add_run_after_flag,
     add_server_flags,
     flag_values,
     head_ports_note,
     parse_time_limit,
     resources_from,
+    run_after_ids,
 )
 from servegen.server.command import split_args
 
@@ -65,8 +67,7 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[str]]:
     add_config_flags(parser, ("random_seeds",), given_only=True)
     parser.add_argument("--dependent_jobs", type=int, default=0,
                         help="N follow-up jobs that resume where a timed-out one stopped (Slurm)")
-    parser.add_argument("--run_after", action="append", default=[],
-                        help="start after the jobs of this experiment name finish (Slurm; repeatable)")
+    add_run_after_flag(parser)
     parser.add_argument("--partition", help="Slurm partition (default: the cluster config's)")
     parser.add_argument("--time_limit", help="job time limit, minutes or a Slurm time (default: the config's)")
     add_resource_flags(parser)
@@ -142,13 +143,8 @@ def _submit(args, cfg: GenerationConfig, cluster: ClusterConfig, resources, type
         time_min=args.time_min,
         resources=resources,
     )
-    if args.run_after and not args.dry_run:
-        for name in args.run_after:
-            ids = slurm.jobs_named(cluster.job_name_prefix + name)
-            if not ids:
-                print(f"servegen: no pending or running job named {cluster.job_name_prefix}{name}; "
-                      "not waiting for it", file=sys.stderr)
-            job.dependencies += ids
+    if not args.dry_run:
+        job.dependencies += run_after_ids(args.run_after, cluster)
     chain = [job] + [_follow_up(job, i) for i in range(1, args.dependent_jobs + 1)]
     if args.dry_run:
         for i, link in enumerate(chain):

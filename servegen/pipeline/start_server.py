@@ -27,10 +27,12 @@ from servegen.pipeline.common import (
     PORT_SHOWN,
     add_config_flags,
     add_resource_flags,
+    add_run_after_flag,
     add_server_flags,
     head_ports_note,
     parse_time_limit,
     resources_from,
+    run_after_ids,
     server_spec_from_flags,
 )
 from servegen.server import build_server_command
@@ -58,6 +60,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--time_limit", help="Slurm job time limit, minutes or a Slurm time (default: the config's)")
     add_resource_flags(parser)
     parser.add_argument("--expname", default="server", help="Slurm job name after the config's prefix")
+    add_run_after_flag(parser)
     parser.add_argument("--dry_run", action="store_true", help="print the exact command or sbatch script and exit")
     # what the submitted Slurm job runs: start the server in this allocation, write its address
     parser.add_argument("--run_here", action="store_true", help=argparse.SUPPRESS)
@@ -72,6 +75,8 @@ def _start(argv: list[str] | None) -> int:
     args = parse_args(argv)
     cluster = load_cluster_config(args.cluster, args.config_dir)
     resources = resources_from(args, cluster)  # a local run refuses them before it starts
+    if args.run_after and cluster.executor != "slurm":
+        raise ServegenError("--run_after needs a Slurm cluster; locally commands run in order")
     if cluster.executor == "slurm" and not args.run_here:
         return _submit(args, cluster, resources)
 
@@ -143,6 +148,7 @@ def _submit(args: argparse.Namespace, cluster: ClusterConfig, resources: Resourc
         print(job_launch(spec, server, cluster, in_slurm=True, cpus_per_task=job.resources.cpus_per_task).shell())
         print(head_ports_note(server), end="")
         return 0
+    job.dependencies += run_after_ids(args.run_after, cluster)
     submitted = slurm.submit(job, cluster)
     job_id = submitted.job_id
     print(f"servegen: submitted Slurm job {job_id}; waiting for the server (job log {submitted.log()})",
@@ -186,10 +192,11 @@ def _answering_address(path: Path, server) -> str | None:
 
 
 def _wait_for_address(job, path: Path, timeout_s: float, server) -> str:
-    """The address the Slurm job's server answers at, once it does."""
-    deadline = time.monotonic() + timeout_s
+    """The address the Slurm job's server answers at, once it does. The time limit counts from
+    when the job runs: a queue (or a --run_after conversion) may take any time."""
+    deadline = None
     pause = 1.0
-    while time.monotonic() < deadline:
+    while deadline is None or time.monotonic() < deadline:
         address = _answering_address(path, server)
         if address:
             return address
@@ -197,7 +204,9 @@ def _wait_for_address(job, path: Path, timeout_s: float, server) -> str:
         if state not in _LIVE_STATES:
             raise ServerError(f"Slurm job {job.job_id} ended ({state}) before its server was ready:\n"
                               f"{_job_error(job.log())}\n(the whole job log: {job.log()})")
-        time.sleep(min(pause, max(deadline - time.monotonic(), 0)))
+        if deadline is None and state == "RUNNING":
+            deadline = time.monotonic() + timeout_s
+        time.sleep(pause if deadline is None else min(pause, max(deadline - time.monotonic(), 0)))
         pause = min(pause * 1.5, 10.0)  # gentle on slurmctld while a big model loads
     job.cancel()
     raise ServerError(f"the server of Slurm job {job.job_id} was not ready after {timeout_s:.0f} s; job cancelled")

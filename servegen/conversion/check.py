@@ -1,0 +1,68 @@
+"""The input of a conversion, checked where this machine sees it, before anything runs or
+queues: a missing or partial folder, an architecture not supported, a tp that does not divide
+the heads are one line each."""
+
+import json
+from pathlib import Path
+
+from servegen.cluster.config import ClusterConfig
+from servegen.conversion.request import MODEL_TYPES, Conversion
+from servegen.errors import ConversionError
+
+
+def seen_here(path: str, conv: Conversion, cluster: ClusterConfig, flag: str) -> Path:
+    """A path as the engine's environment sees it, on this machine (through the mounts)."""
+    local = cluster.path_here(path, conv.engine)
+    if local is None:
+        raise ConversionError(f"{flag} {path} is in no mount of cluster '{cluster.name}': add a mount that holds it")
+    return Path(local)
+
+
+def check_input(conv: Conversion, cluster: ClusterConfig) -> None:
+    folder = seen_here(conv.input_model, conv, cluster, "--input_model")
+    if not folder.is_dir():
+        raise ConversionError(f"--input_model {conv.input_model} is not a folder")
+    if conv.convert_from == "hf":
+        _check_hf(conv, folder)
+    elif conv.convert_from == "trtllm":
+        _check_trtllm(folder, conv.input_model)
+    else:
+        _check_megatron(folder, conv.input_model)
+
+
+def _check_hf(conv: Conversion, folder: Path) -> None:
+    from servegen.conversion.trtllm.checkpoint import check_hf_model
+
+    # the tp/pp rules are TensorRT-LLM's; a Megatron checkpoint is resharded when it is loaded
+    config = check_hf_model(folder, conv.tp if conv.convert_to == "trtllm" else 1,
+                            conv.pp if conv.convert_to == "trtllm" else 1)
+    architecture = (config.get("architectures") or ["?"])[0]
+    if conv.model_type is not None and architecture not in MODEL_TYPES[conv.model_type]:
+        raise ConversionError(f"--model_type {conv.model_type} is for {', '.join(MODEL_TYPES[conv.model_type])}; "
+                              f"{conv.input_model} is a {architecture}")
+
+
+def _check_trtllm(folder: Path, name: str) -> None:
+    """A TensorRT-LLM checkpoint (not an engine): config.json with its mapping, every rank's file."""
+    if list(folder.glob("rank*.engine")):
+        raise ConversionError(f"--input_model {name} is a TensorRT-LLM engine; only a checkpoint "
+                              "(rank<N>.safetensors, from --checkpoint_only) converts back to hf")
+    try:
+        mapping = json.loads((folder / "config.json").read_text())["mapping"]
+        world = int(mapping["world_size"])
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ConversionError(f"--input_model {name} has no TensorRT-LLM config.json (with its mapping)") from None
+    missing = [f"rank{r}.safetensors" for r in range(world) if not (folder / f"rank{r}.safetensors").is_file()]
+    if missing:
+        raise ConversionError(f"--input_model {name} is partial: {', '.join(missing)} missing of {world} ranks")
+
+
+def _check_megatron(folder: Path, name: str) -> None:
+    """A Megatron-Core torch_dist checkpoint: the tracker file and the iteration it names."""
+    tracker = folder / "latest_checkpointed_iteration.txt"
+    if not tracker.is_file():
+        raise ConversionError(f"--input_model {name} is not a Megatron checkpoint (no latest_checkpointed_iteration.txt)")
+    text = tracker.read_text().strip()
+    step = folder / (text if text == "release" else f"iter_{int(text):07d}" if text.isdigit() else text)
+    if not (step / "metadata.json").is_file():
+        raise ConversionError(f"--input_model {name} is partial: {step.name}/metadata.json is missing")
