@@ -31,7 +31,7 @@ def check_input(conv: Conversion, cluster: ClusterConfig) -> None:
 
 
 def _check_hf(conv: Conversion, folder: Path) -> None:
-    from servegen.conversion.trtllm.checkpoint import check_hf_model
+    from servegen.conversion.trtllm import check_hf_model
 
     # the tp/pp rules are TensorRT-LLM's; a Megatron checkpoint is resharded when it is loaded
     config = check_hf_model(folder, conv.tp if conv.convert_to == "trtllm" else 1,

@@ -69,7 +69,7 @@ def _here(name: str, what: str, fn: Callable[[Folders], None]) -> Step:
 
 
 def _checkpoint(conv: Conversion, f: Folders) -> None:
-    from servegen.conversion.trtllm.checkpoint import hf_to_trtllm  # torch: only where it runs
+    from servegen.conversion.trtllm import hf_to_trtllm  # torch: only where it runs
 
     target = f.partial_here if conv.checkpoint_only else f.partial_here / CHECKPOINT
     target.mkdir(exist_ok=True)
@@ -77,7 +77,7 @@ def _checkpoint(conv: Conversion, f: Folders) -> None:
 
 
 def _to_hf(f: Folders) -> None:
-    from servegen.conversion.trtllm.checkpoint import trtllm_to_hf
+    from servegen.conversion.trtllm import trtllm_to_hf
 
     trtllm_to_hf(f.input_here, f.partial_here)
 
@@ -91,7 +91,7 @@ def _calibrate(conv: Conversion, f: Folders) -> str:
     check = (f"[ -f {script} ] || {{ echo \"servegen: $SERVEGEN_TRTLLM_EXAMPLES/quantization/quantize.py is not "
              "in this environment; set SERVEGEN_TRTLLM_EXAMPLES to TensorRT-LLM's examples folder (or use an image, "
              f"containers.trtllm, that has it at {TRTLLM_EXAMPLES_DEFAULT})\" >&2; exit 1; }}")
-    return check + "\n" + " ".join([argv[0], script, *map(shlex.quote, argv[2:])])
+    return check + "\n" + " ".join([argv[0], script, *map(shlex.quote, argv[2:])])  # the variable unquoted: expanded
 
 
 def _trtllm_build(conv: Conversion, f: Folders) -> str:
@@ -104,7 +104,7 @@ def _trtllm_build(conv: Conversion, f: Folders) -> str:
     if conv.tp * conv.pp > 1:
         argv += ["--workers", str(conv.job_gpus)]  # the ranks' engines built in parallel, one per GPU
     argv += shlex.split(conv.build_args)
-    return shlex.join(argv) + f"\nrm -rf {shlex.quote(f.partial + '/' + CHECKPOINT)}"
+    return shlex.join(argv) + f" && rm -rf {shlex.quote(f.partial + '/' + CHECKPOINT)}"
 
 
 def _tokenizer_step() -> Step:
@@ -138,7 +138,7 @@ def _bridge_steps(conv: Conversion, containerised: bool) -> list[Step]:
         python = "python3" if containerised else bridge_python()
         argv = bridge_argv(direction, f.input, f.partial, python, f"{f.partial}/{BRIDGE_SCRIPTS}",
                            dtype=conv.torch_dtype)
-        return shlex.join(argv) + f"\nrm -rf {shlex.quote(f.partial + '/' + BRIDGE_SCRIPTS)}"
+        return shlex.join(argv) + f" && rm -rf {shlex.quote(f.partial + '/' + BRIDGE_SCRIPTS)}"
 
     steps = [_here("bridge-script", f"Megatron-Bridge's script copied into {{partial}}/{BRIDGE_SCRIPTS}", copy_script),
              Step(direction, script=script)]

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tiny_models import build_tiny_model
 
 from servegen.errors import ServegenError
@@ -58,7 +59,7 @@ def llama(tmp_path_factory) -> Path:
 
 def hf_to_trtllm(src: Path, dst: Path, *extra: str) -> subprocess.CompletedProcess:
     return convert("--input_model", str(src), "--output_model", str(dst), "--convert_from", "hf",
-                   "--convert_to", "trtllm", "--checkpoint_only", *extra)
+                   "--convert_to", "trtllm", "--checkpoint_only", "--dtype", "fp32", *extra)
 
 
 def test_a_local_conversion_appears_only_when_complete_and_is_not_redone(llama, tmp_path):
@@ -66,7 +67,8 @@ def test_a_local_conversion_appears_only_when_complete_and_is_not_redone(llama, 
     done = hf_to_trtllm(llama, out, "--num_gpus", "2")
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in out.iterdir()) == [
-        "config.json", "rank0.safetensors", "rank1.safetensors", "servegen-conversion.json", "tokenizer.json"]
+        "config.json", "generation_config.json", "rank0.safetensors", "rank1.safetensors", "servegen-conversion.json",
+        "tokenizer.json"]
     assert json.loads((out / "config.json").read_text())["mapping"]["tp_size"] == 2
     assert [p.name for p in out.parent.iterdir() if "partial" in p.name] == []
     # done: not converted again, unless asked
@@ -86,7 +88,7 @@ def test_a_local_conversion_appears_only_when_complete_and_is_not_redone(llama, 
 
     original, returned = load_file(llama / "model.safetensors"), load_file(back / "model.safetensors")
     assert original.keys() == returned.keys()
-    assert all(original[k].dtype == returned[k].dtype for k in original)  # bf16 on the way: compare as such
+    assert all(torch.equal(original[k], returned[k]) for k in original)  # float32 all the way: exact
     assert (back / "tokenizer.json").is_file()
 
 
@@ -105,7 +107,7 @@ def test_a_failed_conversion_leaves_nothing_that_looks_complete(llama, tmp_path)
 @pytest.mark.parametrize("case, message", [
     ("missing", "error: --input_model {input} is not a folder"),
     ("no weights", "error: "),
-    ("unsupported", "GPT2LMHeadModel"),
+    ("unsupported", "error: {input}: architecture GPT2LMHeadModel is not supported; supported: LlamaForCausalLM"),
     ("tp 3", "error: "),
     ("incomplete target", "error: --output_model {output} exists and is not a complete servegen conversion"),
     ("fp8 to megatron", "error: --dtype fp8 is TensorRT-LLM's"),
