@@ -80,6 +80,9 @@ class Conversion:
         if pair not in PAIRS:
             known = ", ".join(f"{a} -> {b}" for a, b in PAIRS)
             raise ConversionError(f"cannot convert {pair[0]} -> {pair[1]}; servegen converts {known}")
+        if self.engine == "megatron":  # the Megatron-Bridge environment has not landed yet
+            raise ConversionError("hf <-> megatron (through Megatron-Bridge) is not in servegen yet; "
+                                  "servegen converts hf -> trtllm and trtllm -> hf today")
         if self.convert_to == "hf" and self.dtype is not None:
             raise ConversionError("--dtype is for --convert_to trtllm or megatron; a conversion to hf keeps "
                                   "the input's dtype")

@@ -405,12 +405,6 @@ def test_impossible_requests_raise_one_line(s, message):
     assert "\n" not in str(e.value)
 
 
-def test_trtllm_serves_a_built_engine_folder_with_the_tensorrt_backend(tmp_path):
-    assert "--backend pytorch" in build_server_command(spec("trtllm", model=str(tmp_path))).script
-    (tmp_path / "rank0.engine").write_bytes(b"")
-    assert "--backend tensorrt" in build_server_command(spec("trtllm", model=str(tmp_path))).script
-
-
 @pytest.mark.parametrize("server_type,body_key", [("nemo", "sentences"), ("megatron", "prompts")])
 def test_rest_probes_send_a_one_token_request(server_type, body_key):
     c = build_server_command(spec(server_type))
