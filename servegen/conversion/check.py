@@ -1,6 +1,6 @@
-"""The input of a conversion, checked where this machine sees it, before anything runs or
-queues: a missing or partial folder, an architecture not supported, a tp that does not divide
-the heads are one line each."""
+"""The input and output of a conversion, checked where this machine sees them, before anything
+runs or queues: a missing or partial folder, an architecture not supported, a tp that does not
+divide the heads, an output folder servegen did not complete are one line each."""
 
 import json
 from pathlib import Path
@@ -8,6 +8,8 @@ from pathlib import Path
 from servegen.cluster.config import ClusterConfig
 from servegen.conversion.request import MODEL_TYPES, Conversion
 from servegen.errors import ConversionError
+
+MARKER = "servegen-conversion.json"  # in a complete output: what it was converted from, and how
 
 
 def seen_here(path: str, conv: Conversion, cluster: ClusterConfig, flag: str) -> Path:
@@ -18,16 +20,28 @@ def seen_here(path: str, conv: Conversion, cluster: ClusterConfig, flag: str) ->
     return Path(local)
 
 
-def check_input(conv: Conversion, cluster: ClusterConfig) -> None:
+def check_input(conv: Conversion, cluster: ClusterConfig) -> Path:
+    """The input's folder on this machine, once it is one the conversion can take."""
     folder = seen_here(conv.input_model, conv, cluster, "--input_model")
     if not folder.is_dir():
         raise ConversionError(f"--input_model {conv.input_model} is not a folder")
     if conv.convert_from == "hf":
         _check_hf(conv, folder)
-    elif conv.convert_from == "trtllm":
-        _check_trtllm(folder, conv.input_model)
     else:
-        _check_megatron(folder, conv.input_model)
+        _check_trtllm(folder, conv.input_model)
+    return folder
+
+
+def check_output(conv: Conversion, cluster: ClusterConfig) -> str:
+    """absent or complete (it has the marker); a folder there that servegen did not complete is an
+    error. Out of sight here (no mount holds it): absent, and the job will see."""
+    local = cluster.path_here(conv.output_model, conv.engine)
+    if local is None or not Path(local).exists():
+        return "absent"
+    if not (Path(local) / MARKER).is_file():
+        raise ConversionError(f"--output_model {conv.output_model} exists and is not a complete servegen "
+                              "conversion: remove it or choose another folder")
+    return "complete"
 
 
 def _check_hf(conv: Conversion, folder: Path) -> None:
@@ -56,13 +70,3 @@ def _check_trtllm(folder: Path, name: str) -> None:
     if missing:
         raise ConversionError(f"--input_model {name} is partial: {', '.join(missing)} missing of {world} ranks")
 
-
-def _check_megatron(folder: Path, name: str) -> None:
-    """A Megatron-Core torch_dist checkpoint: the tracker file and the iteration it names."""
-    tracker = folder / "latest_checkpointed_iteration.txt"
-    if not tracker.is_file():
-        raise ConversionError(f"--input_model {name} is not a Megatron checkpoint (no latest_checkpointed_iteration.txt)")
-    text = tracker.read_text().strip()
-    step = folder / (text if text == "release" else f"iter_{int(text):07d}" if text.isdigit() else text)
-    if not (step / "metadata.json").is_file():
-        raise ConversionError(f"--input_model {name} is partial: {step.name}/metadata.json is missing")

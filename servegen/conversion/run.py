@@ -16,21 +16,11 @@ from pathlib import Path
 
 from servegen.cluster.config import ClusterConfig
 from servegen.cluster.launch import in_slurm_job, job_launch
-from servegen.conversion.check import check_input, seen_here
+from servegen.conversion.check import MARKER, check_input, check_output, seen_here
 from servegen.conversion.request import Conversion
 from servegen.conversion.steps import Folders, Step, steps_of
 from servegen.errors import ConversionError
 from servegen.server.command import ServerCommand, ServerSpec
-
-MARKER = "servegen-conversion.json"  # in a complete output: what it was converted from, and how
-
-
-def output_state(output: Path) -> str:
-    """absent, complete (it has the marker), or incomplete (something else is there)."""
-    if not output.exists():
-        return "absent"
-    return "complete" if (output / MARKER).is_file() else "incomplete"
-
 
 def partial_folder(output: str) -> str:
     head, _, name = output.rstrip("/").rpartition("/")
@@ -47,23 +37,19 @@ def step_launch(step: Step, folders: Folders, conv: Conversion, cluster: Cluster
 
 
 def convert_here(conv: Conversion, cluster: ClusterConfig, rerun_done: bool = False) -> int:
-    check_input(conv, cluster)
+    input_here = check_input(conv, cluster)
     output = seen_here(conv.output_model, conv, cluster, "--output_model")
     partial = partial_folder(conv.output_model)
-    folders = Folders(conv.input_model, partial, seen_here(conv.input_model, conv, cluster, "--input_model"),
-                      seen_here(partial, conv, cluster, "--output_model"))
+    folders = Folders(conv.input_model, partial, input_here, seen_here(partial, conv, cluster, "--output_model"))
     output.parent.mkdir(parents=True, exist_ok=True)
     with _lock(output):
-        state = output_state(output)
+        state = check_output(conv, cluster)
         if state == "complete" and not rerun_done:
             print(f"servegen: {conv.output_model} is already converted; --rerun_done converts it again", file=sys.stderr)
             return 0
-        if state == "incomplete":
-            raise ConversionError(f"--output_model {conv.output_model} exists and is not a complete servegen "
-                                  "conversion: remove it or choose another folder")
         shutil.rmtree(folders.partial_here, ignore_errors=True)  # a killed run's: we hold the lock
         folders.partial_here.mkdir()
-        steps = steps_of(conv, cluster.container_for(conv.engine) is not None)
+        steps = steps_of(conv)
         for i, step in enumerate(steps, 1):
             print(f"servegen: step {i}/{len(steps)}: {step.name}", file=sys.stderr, flush=True)
             _run(step, folders, conv, cluster)

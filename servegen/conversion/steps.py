@@ -1,10 +1,11 @@
 """The steps of a conversion, in order. A step is servegen's own code run in the job's process
 (`here`: the TensorRT-LLM checkpoint, copies) or a bash script run in the engine's environment
 (`script`: its container, containers.<engine>, when the cluster config names one): TensorRT-LLM's
-calibration and `trtllm-build`, Megatron-Bridge. Every step writes into the partial folder
+calibration and `trtllm-build`. Every step writes into the partial folder
 beside the output, which becomes the output only when the last step is done (run.py)."""
 
 import shlex
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,6 @@ from servegen.conversion.request import Conversion
 
 # TensorRT-LLM's examples in its NGC images (quantize.py is an example, not an installed command)
 TRTLLM_EXAMPLES_DEFAULT = "/app/tensorrt_llm/examples"
-BRIDGE_SCRIPTS = ".servegen-bridge"  # the bridge's script, copied into the partial folder: containers see it
 CHECKPOINT = "checkpoint"  # an engine build's checkpoint, inside the partial folder until the engine is built
 # what a server needs beside the weights or the engine
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -40,9 +40,7 @@ class Step:
     what: Callable[[Folders], str] | None = None  # for a `here` step: what it does, in a line
 
 
-def steps_of(conv: Conversion, containerised: bool) -> list[Step]:
-    if conv.engine == "megatron":
-        return _bridge_steps(conv, containerised)
+def steps_of(conv: Conversion) -> list[Step]:
     if conv.convert_to == "hf":
         return [_here("to-hf", "TensorRT-LLM checkpoint {input} -> HF {partial}", _to_hf), _tokenizer_step()]
     out = []
@@ -112,34 +110,8 @@ def _tokenizer_step() -> Step:
 
 
 def _copy_tokenizer(f: Folders) -> None:
-    import shutil
-
     for name in TOKENIZER_FILES:
         source = f.input_here / name
         if source.is_file() and not (f.partial_here / name).exists():
             shutil.copy2(source, f.partial_here / name)
 
-
-def _bridge_steps(conv: Conversion, containerised: bool) -> list[Step]:
-    direction = "hf_to_megatron" if conv.convert_to == "megatron" else "megatron_to_hf"
-
-    def copy_script(f: Folders) -> None:
-        import shutil
-
-        from servegen.conversion.megatron.bridge import SCRIPT_FILES
-
-        (f.partial_here / BRIDGE_SCRIPTS).mkdir(exist_ok=True)
-        for path in SCRIPT_FILES:
-            shutil.copy2(path, f.partial_here / BRIDGE_SCRIPTS / Path(path).name)
-
-    def script(f: Folders) -> str:
-        from servegen.conversion.megatron.bridge import bridge_argv, bridge_python
-
-        python = "python3" if containerised else bridge_python()
-        argv = bridge_argv(direction, f.input, f.partial, python, f"{f.partial}/{BRIDGE_SCRIPTS}",
-                           dtype=conv.torch_dtype)
-        return shlex.join(argv) + f" && rm -rf {shlex.quote(f.partial + '/' + BRIDGE_SCRIPTS)}"
-
-    steps = [_here("bridge-script", f"Megatron-Bridge's script copied into {{partial}}/{BRIDGE_SCRIPTS}", copy_script),
-             Step(direction, script=script)]
-    return steps + ([_tokenizer_step()] if conv.convert_to == "hf" else [])

@@ -1,5 +1,5 @@
 """python -m servegen.pipeline.convert: convert a checkpoint (HF -> TensorRT-LLM checkpoint and
-engine, TensorRT-LLM checkpoint -> HF, HF <-> Megatron through Megatron-Bridge) on this machine
+engine, TensorRT-LLM checkpoint -> HF) on this machine
 or as a Slurm job with the GPUs it needs (docs/conversion.md). The output appears only when
 complete; an existing complete output is kept unless --rerun_done."""
 
@@ -14,9 +14,9 @@ from pathlib import Path
 
 from servegen.cluster.config import ClusterConfig, Resources, load_cluster_config
 from servegen.cluster.jobs import JobSpec
-from servegen.conversion.check import check_input
+from servegen.conversion.check import check_input, check_output
 from servegen.conversion.request import FIELDS, Conversion
-from servegen.conversion.run import convert_here, output_state, partial_folder, step_launch
+from servegen.conversion.run import convert_here, partial_folder, step_launch
 from servegen.conversion.steps import Folders, steps_of
 from servegen.errors import ConversionError
 from servegen.pipeline.common import (
@@ -70,11 +70,6 @@ def _convert(argv: list[str] | None) -> int:
     return _submit(args, conv, cluster, resources)
 
 
-def output_state_here(conv: Conversion, cluster: ClusterConfig) -> str:
-    local = cluster.path_here(conv.output_model, conv.engine)
-    return "absent" if local is None else output_state(Path(local))  # unseen here: the job will say
-
-
 def _submit(args, conv: Conversion, cluster: ClusterConfig, resources: Resources) -> int:
     from servegen.cluster import slurm
 
@@ -92,9 +87,7 @@ def _submit(args, conv: Conversion, cluster: ClusterConfig, resources: Resources
         return 0
     if not args.run_after:  # else the input may be what the jobs it waits for write
         check_input(conv, cluster)  # here, before the job queues, where this machine sees the folders
-    if output_state_here(conv, cluster) == "incomplete":
-        raise ConversionError(f"--output_model {conv.output_model} exists and is not a complete servegen "
-                              "conversion: remove it or choose another folder")
+    check_output(conv, cluster)
     job.dependencies += run_after_ids(args.run_after, cluster)
     submitted = slurm.submit(job, cluster)
     print(f"servegen: submitted Slurm job {submitted.job_id} ({cluster.job_name_prefix}{job.name}), "
@@ -107,7 +100,7 @@ def _print_steps(conv: Conversion, cluster: ClusterConfig, in_slurm: bool, cpus_
     exact command (container and srun flags included)."""
     partial = partial_folder(conv.output_model)
     folders = Folders(conv.input_model, partial, Path(conv.input_model), Path(partial))
-    steps = steps_of(conv, cluster.container_for(conv.engine) is not None)
+    steps = steps_of(conv)
     print(f"# the job converts into {partial}, then renames it to {conv.output_model}:")
     for i, step in enumerate(steps, 1):
         if step.here is not None:
