@@ -40,7 +40,8 @@ class CoLocatedServer(ManagedServer):
     def __init__(self, cfg: GenerationConfig, log_dir: Path):
         self.cfg = cfg.server
         super().__init__(
-            co_located_spec(self.cfg, 1), load_cluster_config(cfg.cluster, cfg.config_dir),  # (port: each start's)
+            # port 1: a placeholder (a spec needs a valid one); new_port gives each start a free port
+            co_located_spec(self.cfg, 1), load_cluster_config(cfg.cluster, cfg.config_dir),
             lambda n: log_dir / f"{self.cfg.server_type}-server-{n}.log", self.cfg.ready_timeout,
             self.cfg.max_restarts, setting_name("server.max_restarts"), new_port=True,
         )

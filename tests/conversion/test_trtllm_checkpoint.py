@@ -337,6 +337,10 @@ BAD = {
     "pp over the layers": (lambda model, path: model, 1, 4, "pp 4 is more than the 3 layers"),
     "no rope theta": (lambda model, path: edited(model, path, config={"rope_parameters": None, "rope_theta": None}), 1, 1,
                       "no rope_parameters.rope_theta or rope_theta"),
+    "a rope scaling TensorRT-LLM lacks": (
+        lambda model, path: edited(model, path, config={"rope_parameters": {"rope_type": "proportional", "factor": 2.0,
+                                                                             "rope_theta": 10000.0}}), 1, 1,
+        "rope scaling 'proportional' is not one TensorRT-LLM takes (linear, dynamic, llama3, yarn, longrope)"),
 }
 
 

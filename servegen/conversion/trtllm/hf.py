@@ -13,6 +13,8 @@ from servegen.errors import ConversionError
 
 INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
 _IGNORED = ("rotary_emb.inv_freq",)  # buffers some old checkpoints saved; recomputed, never read
+# the rope scalings TensorRT-LLM's RotaryScalingType knows (it reads rope_type or type); any other fails its load
+TRTLLM_ROPE_SCALINGS = ("linear", "dynamic", "llama3", "yarn", "longrope")
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,9 @@ def _rope(src: Path, c: dict) -> dict:
         scaling["rope_type"] = scaling.pop("type")
     if scaling.get("rope_type", "default") == "default":
         scaling = {}
+    elif scaling["rope_type"] not in TRTLLM_ROPE_SCALINGS:
+        raise ConversionError(f"{src / 'config.json'}: rope scaling {scaling['rope_type']!r} is not one TensorRT-LLM "
+                              f"takes ({', '.join(TRTLLM_ROPE_SCALINGS)})")
     return {"rope_theta": float(theta), "rope_scaling": scaling or None}
 
 
