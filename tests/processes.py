@@ -1,4 +1,5 @@
-"""How tests start servegen's commands: with the stop signals a shell gives them."""
+"""How tests start servegen's commands (with the stop signals a shell gives them), and how a
+signal that came before servegen's own code ran ends them."""
 
 import signal
 
@@ -11,3 +12,14 @@ def as_a_shell_starts(background: bool = False) -> None:
         signal.signal(s, signal.SIG_DFL)
     if background:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def ended_by_default_action(code: int, err: str, signum: int) -> bool:
+    """Before Python runs servegen's first line (~50 ms after the start) a signal has its default
+    action: SIGTERM ends the process; SIGINT too before Python installs its own handler, then
+    raises KeyboardInterrupt in Python's start-up, which ends it with code 1 or, from the main
+    module's code, by SIGINT again (Python re-raises it, so that the shell sees a Ctrl-C)."""
+    if signum == signal.SIGINT:
+        return (code == 1 and err.rstrip().endswith("KeyboardInterrupt")) or (
+            code == -signum and (not err or err.rstrip().endswith("KeyboardInterrupt")))
+    return code == -signum and not err

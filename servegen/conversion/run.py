@@ -1,8 +1,10 @@
 """Running a conversion where its job is: each step in turn into the partial folder beside the
 output (`.<name>.servegen-partial`), under a lock so that two conversions never write one
 output; when every step is done a marker is written and the folder renamed into place, so an
-output that exists is complete. A step that fails, or a kill, leaves only the partial folder,
-which the next run starts again from nothing."""
+output that exists is complete. A stop signal (SIGINT, SIGTERM, SIGHUP: servegen.cli) deletes the
+partial folder; a step that fails, or a kill -9, leaves it, and the next run starts again from
+nothing. --rerun_done moves the old output aside (`.<name>.servegen-replaced`) only once the new
+one is whole, and deletes it once the new one is in place."""
 
 import fcntl
 import json
@@ -47,16 +49,27 @@ def convert_here(conv: Conversion, cluster: ClusterConfig, rerun_done: bool = Fa
         if state == "complete" and not rerun_done:
             print(f"servegen: {conv.output_model} is already converted; --rerun_done converts it again", file=sys.stderr)
             return 0
-        shutil.rmtree(folders.partial_here, ignore_errors=True)  # a killed run's: we hold the lock
-        folders.partial_here.mkdir()
-        steps = steps_of(conv)
-        for i, step in enumerate(steps, 1):
-            print(f"servegen: step {i}/{len(steps)}: {step.name}", file=sys.stderr, flush=True)
-            _run(step, folders, conv, cluster)
-        (folders.partial_here / MARKER).write_text(json.dumps(asdict(conv), indent=1) + "\n")
-        if state == "complete":
-            shutil.rmtree(output)  # --rerun_done: the old output goes only once the new one is whole
-        os.rename(folders.partial_here, output)
+        replaced = output.parent / f".{output.name}.servegen-replaced"
+        for leftover in (folders.partial_here, replaced):  # a killed run's: we hold the lock
+            shutil.rmtree(leftover, ignore_errors=True)
+        try:  # from here, `replaced` holds the old output only once it was moved aside
+            folders.partial_here.mkdir()
+            steps = steps_of(conv)
+            for i, step in enumerate(steps, 1):
+                print(f"servegen: step {i}/{len(steps)}: {step.name}", file=sys.stderr, flush=True)
+                _run(step, folders, conv, cluster)
+            (folders.partial_here / MARKER).write_text(json.dumps(asdict(conv), indent=1) + "\n")
+            if state == "complete":
+                # --rerun_done: aside, not deleted, so that the output path never holds a half-deleted folder
+                os.rename(output, replaced)
+            os.rename(folders.partial_here, output)
+            shutil.rmtree(replaced, ignore_errors=True)
+        except KeyboardInterrupt:  # a stop signal (servegen.cli.Interrupted): leave nothing half-written
+            if replaced.is_dir() and not output.exists():  # stopped between the two renames: the old one back
+                os.rename(replaced, output)
+            for leftover in (folders.partial_here, replaced):
+                shutil.rmtree(leftover, ignore_errors=True)
+            raise
     print(f"servegen: converted {conv.input_model} ({conv.convert_from}) -> {conv.output_model} ({conv.convert_to})",
           file=sys.stderr)
     return 0

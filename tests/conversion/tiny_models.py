@@ -18,11 +18,12 @@ KINDS = {
 }
 
 
-def build_tiny_model(kind: str, path: Path, seed: int = 0) -> Path:
-    """A model folder (config.json, model.safetensors) at `path`; the same seed, the same weights."""
+def build_tiny_model(kind: str, path: Path, seed: int = 0, **sizes) -> Path:
+    """A model folder (config.json, model.safetensors) at `path`; the same seed, the same weights.
+    `sizes` replace SHAPE's (a wider model, whose files take a while to write)."""
     config_cls, model_cls, extra = KINDS[kind]
     torch.manual_seed(seed)
-    model = model_cls(config_cls(**SHAPE, **extra)).to(torch.float32)
+    model = model_cls(config_cls(**{**SHAPE, **sizes}, **extra)).to(torch.float32)
     with torch.no_grad():  # norms and biases away from their init, so a misplaced one shows
         for name, p in model.named_parameters():
             if p.dim() == 1:

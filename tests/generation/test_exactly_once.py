@@ -30,6 +30,7 @@ from job_helpers import (
     wait_for,
     write_dataset,
 )
+from processes import ended_by_default_action
 
 from servegen.errors import ServegenError
 from servegen.generation.lock import OutputBusy, OutputLock, lock_path
@@ -83,17 +84,6 @@ def job_body(job: subprocess.Popen) -> psutil.Process:
         assert time.monotonic() < deadline and job.poll() is None, "the job body never started"
         time.sleep(0.005)
     return children[0]
-
-
-def ended_by_default_action(code: int, err: str, signum: int) -> bool:
-    """Before Python runs servegen's first line (~50 ms after the start) a signal has its default
-    action: SIGTERM ends the process; SIGINT too before Python installs its own handler, then
-    raises KeyboardInterrupt in Python's start-up, which ends it with code 1 or, from the main
-    module's code, by SIGINT again (Python re-raises it, so that the shell sees a Ctrl-C)."""
-    if signum == signal.SIGINT:
-        return (code == 1 and err.rstrip().endswith("KeyboardInterrupt")) or (
-            code == -signum and (not err or err.rstrip().endswith("KeyboardInterrupt")))
-    return code == -signum and not err
 
 
 SIGNAL_OF = {"SIGTERM to servegen generate": signal.SIGTERM, "SIGTERM to every process": signal.SIGTERM,

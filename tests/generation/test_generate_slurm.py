@@ -13,7 +13,6 @@ import re
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import psutil
@@ -21,7 +20,18 @@ import pytest
 from job_helpers import read_jsonl, run_generate, write_dataset
 
 from servegen.demo_model.data import format_question, held_out_pairs
-from slurm.cluster import FINAL_STATES, job_states, require_slurm, slurm, wait_for_job, wait_for_sacct
+from slurm.cluster import (
+    FINAL_STATES,
+    dependency_of,
+    history,
+    job_states,
+    require_slurm,
+    slurm,
+    unique,
+    wait_for_history,
+    wait_for_job,
+    wait_for_sacct,
+)
 
 pytestmark = pytest.mark.slurm
 
@@ -29,34 +39,10 @@ CONFIG = Path(__file__).resolve().parents[1] / "slurm" / "configs" / "test-slurm
 PREFIX = "servegen-test-"  # the config's job_name_prefix
 
 
-def unique(name: str) -> str:
-    """An experiment name no other test run uses (the cluster is shared)."""
-    return f"{name}-{uuid.uuid4().hex[:6]}"
-
-
 def submit(data: Path, out: Path, *args: str, address: str | None = None, timeout: float = 60) -> list[str]:
     """Run `servegen generate --cluster <test cluster> ...`; the ids of the jobs it submitted."""
     done = run_generate(data, out, "--cluster", str(CONFIG), *args, address=address, timeout=timeout)
     return re.findall(r"submitted (?:job|array of \d+) (\d+) ", done.stdout)
-
-
-def history(job_id: str) -> list[dict]:
-    """Every run of a job (sacct --duplicates: a requeued job has one record per run), oldest first."""
-    out = slurm("sacct", "-n", "-P", "-X", "--duplicates", "-j", job_id, "-o", "JobID,State,Start,End")
-    return [dict(zip(("id", "state", "start", "end"), line.split("|"))) for line in out.splitlines() if line]
-
-
-def wait_for_history(job_id: str, state: str, timeout_s: float = 30) -> list[dict]:
-    """sacct lags slurmctld: wait until its last record of the job says `state`."""
-    deadline = time.monotonic() + timeout_s
-    while (runs := history(job_id)) and not runs[-1]["state"].startswith(state) and time.monotonic() < deadline:
-        time.sleep(0.5)
-    return runs
-
-
-def dependency_of(job_id: str) -> str:
-    fields = dict(f.split("=", 1) for f in slurm("scontrol", "-o", "show", "job", job_id).split() if "=" in f)
-    return fields["Dependency"]
 
 
 def expected_rows(rows: list[dict]) -> list[dict]:

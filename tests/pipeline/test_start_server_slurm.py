@@ -12,7 +12,6 @@ import subprocess
 import sys
 import threading
 import time
-import uuid
 from pathlib import Path
 
 import psutil
@@ -26,7 +25,7 @@ from asking import ask_two_plus_two
 from processes import as_a_shell_starts
 from servegen.server import SERVER_TYPES, build_server_command
 from servegen.server.command import ServerSpec
-from slurm.cluster import NODES, require_slurm, slurm, wait_for_job, wait_for_sacct
+from slurm.cluster import NODES, require_slurm, slurm, unique, wait_for_job, wait_for_sacct
 
 pytestmark = pytest.mark.slurm
 
@@ -38,11 +37,6 @@ ENGINE_ENV = ("VLLM_NO_USAGE_STATS", "DO_NOT_TRACK", "VLLM_CPU_KVCACHE_SPACE", "
 
 def normalized(text: str, tmp_path: Path) -> str:
     return text.replace(sys.executable, "<python>").replace(str(tmp_path), "<tmp>").replace(str(REPO), "<repo>")
-
-
-def unique(name: str) -> str:
-    """A job name no other test run uses (the cluster is shared)."""
-    return f"{name}-{uuid.uuid4().hex[:6]}"
 
 
 @pytest.mark.parametrize("server_type", SERVER_TYPES)

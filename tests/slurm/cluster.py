@@ -8,6 +8,7 @@ cluster is not up.
 
 import subprocess
 import time
+import uuid
 
 import pytest
 
@@ -114,3 +115,27 @@ def wait_for_sacct(job_id: str, timeout_s: float = 30) -> tuple[str, str]:
         if time.monotonic() > deadline:
             pytest.fail(f"sacct has no final state for job {job_id} after {timeout_s:.0f} s: {out!r}", pytrace=False)
         time.sleep(0.5)
+
+
+def unique(name: str) -> str:
+    """An experiment name no other test run uses (the cluster is shared)."""
+    return f"{name}-{uuid.uuid4().hex[:6]}"
+
+
+def history(job_id: str) -> list[dict]:
+    """Every run of a job (sacct --duplicates: a requeued job has one record per run), oldest first."""
+    out = slurm("sacct", "-n", "-P", "-X", "--duplicates", "-j", job_id, "-o", "JobID,State,Start,End")
+    return [dict(zip(("id", "state", "start", "end"), line.split("|"))) for line in out.splitlines() if line]
+
+
+def wait_for_history(job_id: str, state: str, timeout_s: float = 30) -> list[dict]:
+    """sacct lags slurmctld: wait until its last record of the job says `state`."""
+    deadline = time.monotonic() + timeout_s
+    while (runs := history(job_id)) and not runs[-1]["state"].startswith(state) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return runs
+
+
+def dependency_of(job_id: str) -> str:
+    fields = dict(f.split("=", 1) for f in slurm("scontrol", "-o", "show", "job", job_id).split() if "=" in f)
+    return fields["Dependency"]
