@@ -49,7 +49,7 @@ def convert_here(conv: Conversion, cluster: ClusterConfig, rerun_done: bool = Fa
             return 0
         shutil.rmtree(folders.partial_here, ignore_errors=True)  # a killed run's: we hold the lock
         folders.partial_here.mkdir()
-        steps = steps_of(conv)
+        steps = steps_of(conv, cluster.container_for(conv.engine) is not None)
         for i, step in enumerate(steps, 1):
             print(f"servegen: step {i}/{len(steps)}: {step.name}", file=sys.stderr, flush=True)
             _run(step, folders, conv, cluster)
