@@ -168,3 +168,20 @@ def test_flags_a_megatron_output_cannot_take_are_one_line(models, tmp_path, flag
     done = convert("--input_model", str(models["qwen2"]), "--output_model", str(tmp_path / "out"),
                    "--convert_from", "hf", *flags)
     assert done.returncode == 2 and done.stderr.strip() == message, done.stderr
+
+
+def test_megatron_lm_serves_a_bridge_checkpoint_with_flags_from_its_run_config(bridge, models, tmp_path, golden):
+    """A Bridge checkpoint has no Megatron-LM arguments to read back (--use-checkpoint-args):
+    the flags come from its run_config.yaml. The demo model in bf16, the dtype a server runs."""
+    from servegen.server import build_server_command
+    from servegen.server.command import ServerSpec
+
+    megatron = tmp_path / "demo-bf16"
+    done = convert("--input_model", str(models["demo"]), "--output_model", str(megatron), "--convert_from", "hf",
+                   "--convert_to", "megatron")
+    assert done.returncode == 0, done.stderr[-3000:]
+    script = build_server_command(ServerSpec("megatron", str(megatron), gpus=8)).script
+    golden("serve-megatron-bridge-checkpoint-demo-bf16.txt", script.replace(str(megatron), "<checkpoint>") + "\n")
+    assert "--use-checkpoint-args" not in script
+    user = build_server_command(ServerSpec("megatron", str(megatron), gpus=8, args=("--seq-length", "128"))).script
+    assert user.count("--seq-length") == 1 and user.endswith("--seq-length 128")
