@@ -180,8 +180,8 @@ def test_megatron_lm_serves_a_bridge_checkpoint_with_flags_from_its_run_config(b
     done = convert("--input_model", str(models["demo"]), "--output_model", str(megatron), "--convert_from", "hf",
                    "--convert_to", "megatron")
     assert done.returncode == 0, done.stderr[-3000:]
-    script = build_server_command(ServerSpec("megatron", str(megatron), gpus=8)).script
+    script = build_server_command(ServerSpec("megatron", str(megatron), gpus=4)).script
     golden("serve-megatron-bridge-checkpoint-demo-bf16.txt", script.replace(str(megatron), "<checkpoint>") + "\n")
     assert "--use-checkpoint-args" not in script
-    user = build_server_command(ServerSpec("megatron", str(megatron), gpus=8, args=("--seq-length", "128"))).script
+    user = build_server_command(ServerSpec("megatron", str(megatron), gpus=4, args=("--seq-length", "128"))).script
     assert user.count("--seq-length") == 1 and user.endswith("--seq-length 128")
