@@ -120,11 +120,10 @@ def _copy_tokenizer(f: Folders) -> None:
             shutil.copy2(source, f.partial_here / name)
 
 
-
 def _bridge_steps(conv: Conversion, containerised: bool) -> list[Step]:
     """Megatron-Bridge's script copied into the partial folder (a container sees it there), then
     run by the bridge's Python: python3 in containers.megatron, else the bridge's venv here. The
-    script moves the tokenizer too (a checkpoint keeps it in iter_<N>/tokenizer/)."""
+    script brings the tokenizer too (a checkpoint keeps it in iter_<N>/tokenizer/)."""
     direction = "hf_to_megatron" if conv.convert_to == "megatron" else "megatron_to_hf"
 
     def copy_scripts(f: Folders) -> None:
@@ -142,6 +141,5 @@ def _bridge_steps(conv: Conversion, containerised: bool) -> list[Step]:
                            dtype=conv.torch_dtype)
         return shlex.join(argv) + f" && rm -rf {shlex.quote(f.partial + '/' + BRIDGE_SCRIPTS)}"
 
-    steps = [_here("bridge-script", f"Megatron-Bridge's script copied into {{partial}}/{BRIDGE_SCRIPTS}", copy_scripts),
-             Step(direction, script=script)]
-    return steps
+    return [_here("bridge-script", f"Megatron-Bridge's script copied into {{partial}}/{BRIDGE_SCRIPTS}", copy_scripts),
+            Step(direction, script=script)]
