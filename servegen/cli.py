@@ -29,7 +29,7 @@ from servegen.errors import ServegenError
 COMMANDS = {
     "start_server": ("servegen.pipeline.start_server", "start a model server and print its address"),
     "generate": ("servegen.pipeline.generate", "run a generation job over a JSONL dataset"),
-    "convert": ("servegen.pipeline.convert", "convert a checkpoint: HF -> TensorRT-LLM (checkpoint, engine, fp8) and back"),
+    "convert": ("servegen.pipeline.convert", "convert a checkpoint: HF -> TensorRT-LLM (checkpoint, engine, fp8) and back, HF <-> Megatron"),
     "demo-model": ("servegen.demo_model", "build (or find) the embedded demo model and print its folder"),
 }
 

@@ -27,8 +27,14 @@ def check_input(conv: Conversion, cluster: ClusterConfig) -> Path:
         raise ConversionError(f"--input_model {conv.input_model} is not a folder")
     if conv.convert_from == "hf":
         _check_hf(conv, folder)
-    else:
+    elif conv.convert_from == "trtllm":
         _check_trtllm(folder, conv.input_model)
+    else:
+        _check_megatron(folder, conv.input_model)
+    if conv.engine == "megatron" and cluster.container_for("megatron") is None:
+        from servegen.conversion.megatron.bridge import require_bridge_python
+
+        require_bridge_python()
     return folder
 
 
@@ -70,3 +76,18 @@ def _check_trtllm(folder: Path, name: str) -> None:
     if missing:
         raise ConversionError(f"--input_model {name} is partial: {', '.join(missing)} missing of {world} ranks")
 
+
+
+def _check_megatron(folder: Path, name: str) -> None:
+    """A Megatron-Core torch_dist checkpoint: the tracker file and the iteration it names."""
+    tracker = folder / "latest_checkpointed_iteration.txt"
+    if not tracker.is_file():
+        raise ConversionError(f"--input_model {name} is not a Megatron checkpoint (no latest_checkpointed_iteration.txt)")
+    text = tracker.read_text().strip()
+    if text != "release" and not text.isdigit():
+        raise ConversionError(f"--input_model {name}: latest_checkpointed_iteration.txt holds {text!r}, "
+                              "not an iteration number")
+    step = folder / (text if text == "release" else f"iter_{int(text):07d}")
+    missing = [f for f in ("metadata.json", ".metadata") if not (step / f).is_file()]
+    if missing:
+        raise ConversionError(f"--input_model {name} is partial: {step.name}/{missing[0]} is missing")

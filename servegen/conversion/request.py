@@ -29,7 +29,7 @@ class Conversion:
                                    choices=tuple(MODEL_TYPES))
     dtype: str | None = _flag(None, "weights of the output (default bf16; to hf: the input's)", choices=tuple(DTYPES))
     num_gpus: int | None = _flag(None, "tensor-parallel size of a TensorRT-LLM output and the GPUs of the job "
-                                 "(default 1)", type=int)
+                                 "(default 1; to or from megatron: 0, on CPU)", type=int)
     num_nodes: int = _flag(1, "pipeline-parallel size of a TensorRT-LLM output (the job runs on one node)", type=int)
     max_batch_size: int = _flag(512, "trtllm-build --max_batch_size", type=int)
     max_input_len: int = _flag(4096, "trtllm-build --max_input_len", type=int)
@@ -67,9 +67,11 @@ class Conversion:
     @property
     def job_gpus(self) -> int:
         """GPUs the job asks for: TensorRT-LLM's build and calibration need them; servegen's own
-        checkpoint steps do not."""
+        checkpoint steps do not, nor Megatron-Bridge, which converts on the CPU unless given some."""
         if self.convert_to == "trtllm" and (self.builds_engine or self.torch_dtype == "fp8"):
             return self.tp
+        if self.engine == "megatron":
+            return self.num_gpus or 0
         return 0
 
     def check(self) -> "Conversion":
@@ -78,14 +80,17 @@ class Conversion:
         if pair not in PAIRS:
             known = ", ".join(f"{a} -> {b}" for a, b in PAIRS)
             raise ConversionError(f"cannot convert {pair[0]} -> {pair[1]}; servegen converts {known}")
-        if self.engine == "megatron":  # the Megatron-Bridge environment has not landed yet
-            raise ConversionError("hf <-> megatron (through Megatron-Bridge) is not in servegen yet; "
-                                  "servegen converts hf -> trtllm and trtllm -> hf today")
         if self.convert_to == "hf" and self.dtype is not None:
             raise ConversionError("--dtype is for --convert_to trtllm or megatron; a conversion to hf keeps "
                                   "the input's dtype")
+        if self.convert_to == "megatron" and self.dtype == "fp8":
+            raise ConversionError("--dtype fp8 is TensorRT-LLM's (ModelOpt calibration); a Megatron checkpoint "
+                                  "takes bf16, fp16 or fp32")
         if self.checkpoint_only and self.convert_to != "trtllm":
             raise ConversionError("--checkpoint_only stops after the TensorRT-LLM checkpoint: it needs --convert_to trtllm")
+        if self.engine == "megatron" and self.num_nodes != 1:
+            raise ConversionError("--num_nodes is the pipeline-parallel size of a TensorRT-LLM checkpoint; "
+                                  "a Megatron checkpoint is resharded when it is loaded")
         if self.num_gpus is not None and self.num_gpus < (1 if self.convert_to == "trtllm" else 0):
             raise ConversionError(f"--num_gpus must be {'1' if self.convert_to == 'trtllm' else '0'} or more, "
                                   f"got {self.num_gpus}")

@@ -54,7 +54,7 @@ def convert_here(conv: Conversion, cluster: ClusterConfig, rerun_done: bool = Fa
             shutil.rmtree(leftover, ignore_errors=True)
         try:  # from here, `replaced` holds the old output only once it was moved aside
             folders.partial_here.mkdir()
-            steps = steps_of(conv)
+            steps = steps_of(conv, cluster.container_for(conv.engine) is not None)
             for i, step in enumerate(steps, 1):
                 print(f"servegen: step {i}/{len(steps)}: {step.name}", file=sys.stderr, flush=True)
                 _run(step, folders, conv, cluster)

@@ -1,7 +1,7 @@
 """The steps of a conversion, in order. A step is servegen's own code run in the job's process
 (`here`: the TensorRT-LLM checkpoint, copies) or a bash script run in the engine's environment
 (`script`: its container, containers.<engine>, when the cluster config names one): TensorRT-LLM's
-calibration and `trtllm-build`. Every step writes into the partial folder
+calibration and `trtllm-build`, Megatron-Bridge. Every step writes into the partial folder
 beside the output, which becomes the output only when the last step is done (run.py)."""
 
 import shlex
@@ -14,6 +14,7 @@ from servegen.conversion.request import Conversion
 
 # TensorRT-LLM's examples in its NGC images (quantize.py is an example, not an installed command)
 TRTLLM_EXAMPLES_DEFAULT = "/app/tensorrt_llm/examples"
+BRIDGE_SCRIPTS = ".servegen-bridge"  # the bridge's script, copied into the partial folder: containers see it
 CHECKPOINT = "checkpoint"  # an engine build's checkpoint, inside the partial folder until the engine is built
 # what a server needs beside the weights or the engine
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -40,7 +41,10 @@ class Step:
     what: Callable[[Folders], str] | None = None  # for a `here` step: what it does, in a line
 
 
-def steps_of(conv: Conversion) -> list[Step]:
+def steps_of(conv: Conversion, containerised: bool) -> list[Step]:
+    """containerised: the engine's steps run in containers.<engine> (else in its environment here)."""
+    if conv.engine == "megatron":
+        return _bridge_steps(conv, containerised)
     if conv.convert_to == "hf":
         return [_here("to-hf", "TensorRT-LLM checkpoint {input} -> HF {partial}", _to_hf), _tokenizer_step()]
     out = []
@@ -115,3 +119,27 @@ def _copy_tokenizer(f: Folders) -> None:
         if source.is_file() and not (f.partial_here / name).exists():
             shutil.copy2(source, f.partial_here / name)
 
+
+def _bridge_steps(conv: Conversion, containerised: bool) -> list[Step]:
+    """Megatron-Bridge's script copied into the partial folder (a container sees it there), then
+    run by the bridge's Python: python3 in containers.megatron, else the bridge's venv here. The
+    script brings the tokenizer too (a checkpoint keeps it in iter_<N>/tokenizer/)."""
+    direction = "hf_to_megatron" if conv.convert_to == "megatron" else "megatron_to_hf"
+
+    def copy_scripts(f: Folders) -> None:
+        from servegen.conversion.megatron.bridge import SCRIPT_FILES
+
+        (f.partial_here / BRIDGE_SCRIPTS).mkdir(exist_ok=True)
+        for path in SCRIPT_FILES:
+            shutil.copy2(path, f.partial_here / BRIDGE_SCRIPTS / path.name)
+
+    def script(f: Folders) -> str:
+        from servegen.conversion.megatron.bridge import bridge_argv, bridge_python
+
+        python = "python3" if containerised else bridge_python()
+        argv = bridge_argv(direction, f.input, f.partial, python, f"{f.partial}/{BRIDGE_SCRIPTS}",
+                           dtype=conv.torch_dtype)
+        return shlex.join(argv) + f" && rm -rf {shlex.quote(f.partial + '/' + BRIDGE_SCRIPTS)}"
+
+    return [_here("bridge-script", f"Megatron-Bridge's script copied into {{partial}}/{BRIDGE_SCRIPTS}", copy_scripts),
+            Step(direction, script=script)]

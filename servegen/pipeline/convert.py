@@ -1,5 +1,5 @@
 """python -m servegen.pipeline.convert: convert a checkpoint (HF -> TensorRT-LLM checkpoint and
-engine, TensorRT-LLM checkpoint -> HF) on this machine
+engine, TensorRT-LLM checkpoint -> HF, HF <-> Megatron through Megatron-Bridge) on this machine
 or as a Slurm job with the GPUs it needs (docs/conversion.md). The output appears only when
 complete; an existing complete output is kept unless --rerun_done."""
 
@@ -100,7 +100,7 @@ def _print_steps(conv: Conversion, cluster: ClusterConfig, in_slurm: bool, cpus_
     exact command (container and srun flags included)."""
     partial = partial_folder(conv.output_model)
     folders = Folders(conv.input_model, partial, Path(conv.input_model), Path(partial))
-    steps = steps_of(conv)
+    steps = steps_of(conv, cluster.container_for(conv.engine) is not None)
     print(f"# the job converts into {partial}, then renames it to {conv.output_model}:")
     for i, step in enumerate(steps, 1):
         if step.here is not None:

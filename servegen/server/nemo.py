@@ -14,8 +14,10 @@ one task per node; the master port is one of head_ports (NeMo's Lightning derive
 the Slurm job id). (Megatron-LM's README now points to examples/inference/launch_inference_server.py,
 an OpenAI-style server on its dynamic engine: server type megatron_openai, megatron_openai.py,
 started by the same torchrun command, megatron_torchrun.) The architecture comes from the
-checkpoint (--use-checkpoint-args); tokenizer flags (--tokenizer-type,
---tokenizer-model, ...) come from the user's --server_args. Readiness: PUT /api of a one-token
+checkpoint: Megatron-LM's own saves keep its arguments (--use-checkpoint-args; tokenizer flags
+--tokenizer-type, --tokenizer-model, ... from the user's --server_args), a Megatron-Bridge
+checkpoint (servegen convert --convert_to megatron) has its run_config.yaml, from which the
+model, tokenizer and format flags are derived (megatron_checkpoint.py). Readiness: PUT /api of a one-token
 request.
 
 Both scripts listen on 0.0.0.0 whatever --server_host says (they have no host setting) and are
@@ -29,6 +31,7 @@ collection in 2026, e.g. nemo:25.07). GPU only. Neither was run here
 import json
 
 from servegen.errors import ServegenError
+from servegen.server.megatron_checkpoint import bridge_iteration, model_flags
 from servegen.overrides import hydra_value
 from servegen.server.command import (
     MASTER_PORT,
@@ -105,7 +108,9 @@ def megatron_torchrun(spec: ServerSpec, script: str) -> list[str]:
     if spec.nodes > 1:
         argv += ["--nnodes", str(spec.nodes), "--node_rank", "$SERVEGEN_NODE_RANK", "--master_addr", "$SERVEGEN_HEAD_HOST"]
     argv += ["--master_port", f"${MASTER_PORT}"]  # on one node too: torchrun's default, 29500, is fixed
-    argv += [script, "--load", spec.model, "--use-checkpoint-args"]
+    argv += [script, "--load", spec.model]
+    step = bridge_iteration(spec.model)
+    argv += ["--use-checkpoint-args"] if step is None else with_defaults(spec.args, model_flags(spec.model, step))
     argv += [] if has_flag(spec.args, *tp_flags) else [tp_flags[0], str(tp)]
     argv += [] if has_flag(spec.args, *pp_flags) else [pp_flags[0], str(pp)]
     # Megatron's argument checks need a micro batch size even though nothing trains.

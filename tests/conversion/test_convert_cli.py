@@ -1,5 +1,5 @@
 """`servegen convert` as users run it: the dry runs (golden: every step's exact command, local and
-Slurm, TensorRT-LLM bf16 and fp8 at tp 8 / pp 2), one-line errors for bad input, a real
+Slurm, TensorRT-LLM bf16 and fp8 at tp 8 / pp 2, Megatron-Bridge both ways), one-line errors for bad input, a real
 local conversion whose output appears only when complete, and the serving side of a converted
 model (trtllm engine folders, Megatron checkpoints)."""
 
@@ -33,6 +33,8 @@ DRY_RUNS = {
                            "--num_nodes", "2", "--calib_size", "256"],
     "trtllm-checkpoint-only-tp8-pp2": ["--convert_from", "hf", "--convert_to", "trtllm", "--num_gpus", "8",
                                        "--num_nodes", "2", "--checkpoint_only"],
+    "megatron-from-hf-bf16": ["--convert_from", "hf", "--convert_to", "megatron"],
+    "megatron-to-hf": ["--convert_from", "megatron", "--convert_to", "hf"],
 }
 
 
@@ -108,7 +110,6 @@ def test_a_failed_conversion_leaves_nothing_that_looks_complete(llama, tmp_path)
     ("unsupported", "error: {input}: architecture GPT2LMHeadModel is not supported; supported: LlamaForCausalLM"),
     ("tp 3", "error: "),
     ("incomplete target", "error: --output_model {output} exists and is not a complete servegen conversion"),
-    ("megatron", "error: hf <-> megatron (through Megatron-Bridge) is not in servegen yet"),
     ("bad pair", "error: cannot convert trtllm -> megatron; servegen converts hf -> trtllm, trtllm -> hf, "
                  "hf -> megatron, megatron -> hf"),
     ("engine to hf", "error: --input_model {input} is a TensorRT-LLM engine"),
@@ -131,8 +132,6 @@ def test_bad_input_is_one_line_and_exit_2(llama, tmp_path, case, message):
     if case == "incomplete target":
         out.mkdir()
         (out / "rank0.safetensors").write_text("")
-    if case == "megatron":
-        pair = ["--convert_from", "hf", "--convert_to", "megatron"]
     if case == "bad pair":
         pair = ["--convert_from", "trtllm", "--convert_to", "megatron"]
     if case == "engine to hf":
