@@ -30,6 +30,7 @@ class FastTransport:
         self.host = host
         self.port = port
         self._idle: list[_Connection] = []
+        self._readers: list[_Reader] = []  # parsers between responses, lent to any connection
         self._heads: dict[tuple[str, str], bytes] = {}
         host_header = host if port == 80 else f"{host}:{port}"
         if ":" in host and not host.startswith("["):
@@ -51,7 +52,7 @@ class FastTransport:
             # not asyncio.wait_for: on Python 3.11 it loses a cancel that comes as the connection
             # attempt fails (it raises the failure instead), and the cancelled caller carries on
             async with asyncio.timeout(timeout):
-                _, conn = await loop.create_connection(_Connection, self.host, self.port)
+                _, conn = await loop.create_connection(lambda: _Connection(self._readers), self.host, self.port)
         except asyncio.TimeoutError:
             raise TimeoutError(f"connecting to {self.host}:{self.port} took more than {timeout} s") from None
         except OSError as e:
@@ -154,14 +155,69 @@ class _Stop(Exception):
     bytes, if any, are not for us, so the connection is dropped."""
 
 
-class _Connection(asyncio.Protocol):
-    """One TCP connection and llhttp (httptools), which reads every response on it; llhttp resets
-    itself after each response, so one parser per connection serves all its requests."""
+class _Reader:
+    """llhttp (httptools) and its callbacks, which fill in the response of the connection it is
+    lent to. A parser is needed only while a response arrives, and llhttp resets itself after each
+    one, so connections share a few (most responses come in one read): not one per connection,
+    when thousands are open."""
+
+    __slots__ = ("parser", "conn")
 
     def __init__(self):
+        self.parser = httptools.HttpResponseParser(self)
+        self.conn: _Connection | None = None
+
+    def on_message_begin(self) -> None:
+        conn = self.conn
+        if conn.finished:  # more bytes than the response announced: it stands, the connection does not
+            raise _Stop
+        conn.headers = {}  # also drops a 1xx interim response's headers
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        conn = self.conn
+        if conn.head_done:  # a trailer after a chunked body: not one of the response's headers
+            return
+        name = name.decode("latin-1").lower()
+        value = value.rstrip().decode("latin-1")  # llhttp strips the whitespace before a value only
+        headers = conn.headers
+        # a repeated field is one list, joined as HTTP says (Set-Cookie too: nothing here reads cookies)
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status < 200:
+            return  # 100 Continue, 103 Early Hints: the real response follows
+        conn = self.conn
+        conn.status = status
+        conn.head_done = True
+        if conn.stream:
+            conn.fut.set_result((status, conn.headers))
+        if conn.method == "HEAD":
+            conn._finish()
+            raise _Stop  # llhttp, not told it was HEAD, would wait for the body the headers announce
+
+    def on_body(self, body: bytes) -> None:
+        conn = self.conn
+        if conn.stream:
+            conn.queue.put_nowait(body)
+        else:
+            conn.parts.append(body)
+
+    def on_message_complete(self) -> None:
+        conn = self.conn
+        if conn.head_done:  # not a 1xx interim response
+            conn.keep_alive = self.parser.should_keep_alive()
+            conn._finish()
+
+
+class _Connection(asyncio.Protocol):
+    """One TCP connection and the state of the response to the request in flight on it."""
+
+    def __init__(self, readers: list[_Reader]):
         self.loop = asyncio.get_running_loop()
         self.tr = None
-        self.parser = httptools.HttpResponseParser(self)
+        self.readers = readers  # the transport's idle parsers
+        self.reader: _Reader | None = None  # the one reading this connection's response, if lent
         self.fut: asyncio.Future | None = None  # the response (or, streaming, its head)
         self.stream = False
         self.queue: asyncio.Queue | None = None  # body pieces when streaming
@@ -231,7 +287,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         was_closed, self.closed = self.closed, True
-        self.parser = None  # it holds our callbacks: no cycle left for the garbage collector
+        self.reader = None  # mid-response: its parser is not at a boundary, so not lent again
         if self.finished:
             return
         if self.head_done and self._ends_with_connection():
@@ -257,12 +313,22 @@ class _Connection(asyncio.Protocol):
         if self.stream and self.timer is not None and self.head_done:
             self.timer.cancel()  # streaming: the timeout is the longest silence, not the whole stream
             self.timer = self.loop.call_later(self.timeout, self._on_timeout)
+        reader = self.reader
+        if reader is None:
+            reader = self.reader = self.readers.pop() if self.readers else _Reader()
+            reader.conn = self
         try:
-            self.parser.feed_data(data)
+            reader.parser.feed_data(data)
         except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:  # Upgrade: a 101 nobody asked for
+            self.reader = None  # its parser stopped mid-message: not lent again
             self._malformed(f"{type(e).__name__}: {e}")
             return
-        if not self.head_done:
+        if self.finished:
+            self.reader = None
+            if self.keep_alive:  # llhttp is ready for the next response, whichever connection's
+                reader.conn = None
+                self.readers.append(reader)
+        elif not self.head_done:
             self.head_bytes += len(data)
             if self.head_bytes > MAX_HEAD_BYTES:
                 self._malformed("response headers larger than 64 KiB")
@@ -271,45 +337,6 @@ class _Connection(asyncio.Protocol):
         if not self.finished:  # else the response was complete and only what followed it was wrong
             self._fail(TransportError(f"malformed HTTP response: {problem}"))
         self.close()
-
-    # -- llhttp's callbacks --
-
-    def on_message_begin(self) -> None:
-        if self.finished:  # more bytes than the response announced: it stands, the connection does not
-            raise _Stop
-        self.headers = {}  # also drops a 1xx interim response's headers
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        if self.head_done:  # a trailer after a chunked body: not one of the response's headers
-            return
-        name = name.decode("latin-1").lower()
-        value = value.rstrip().decode("latin-1")  # llhttp strips the whitespace before a value only
-        headers = self.headers
-        # a repeated field is one list, joined as HTTP says (Set-Cookie too: nothing here reads cookies)
-        headers[name] = f"{headers[name]}, {value}" if name in headers else value
-
-    def on_headers_complete(self) -> None:
-        status = self.parser.get_status_code()
-        if status < 200:
-            return  # 100 Continue, 103 Early Hints: the real response follows
-        self.status = status
-        self.head_done = True
-        if self.stream:
-            self.fut.set_result((status, self.headers))
-        if self.method == "HEAD":
-            self._finish()
-            raise _Stop  # llhttp, not told it was HEAD, would wait for the body the headers announce
-
-    def on_body(self, body: bytes) -> None:
-        if self.stream:
-            self.queue.put_nowait(body)
-        else:
-            self.parts.append(body)
-
-    def on_message_complete(self) -> None:
-        if self.head_done:  # not a 1xx interim response
-            self.keep_alive = self.parser.should_keep_alive()
-            self._finish()
 
     def _finish(self) -> None:
         self.finished = True
