@@ -217,6 +217,29 @@ def test_head_has_no_body_whatever_its_length_says(transport):
     assert answers[0][1]["content-length"] == str(len(BODY))
 
 
+def test_many_responses_split_across_reads_at_once_each_keep_their_parser():
+    """FastTransport lends parsers to connections while a response arrives: responses half read
+    on 16 connections at once must not mix."""
+
+    def script(c, r):
+        body = b'{"c": %d}' % c
+        whole = head(f"X-Conn: {c}", length=len(body)) + body
+        return [whole[:20], 0.02, whole[20:70], 0.02, whole[70:]]
+
+    server = RawServer(script)
+
+    async def run():
+        t = make_transport(server.base_url, {}, 16, force="fast")
+        try:
+            return await asyncio.gather(*(t.request("POST", "/v1/completions", b"{}", 10.0) for _ in range(16)))
+        finally:
+            await t.close()
+
+    responses = asyncio.run(run())
+    assert sorted(json.loads(r.body)["c"] for r in responses) == list(range(16))
+    assert all(json.loads(r.body)["c"] == int(r.headers["x-conn"]) for r in responses)
+
+
 def test_headers_that_never_end_are_an_error():
     endless = head("X-Big: " + "x" * 80_000)[:-4]  # no blank line after the headers
     server = RawServer(lambda c, r: [p for i in range(0, len(endless), 8192) for p in (endless[i : i + 8192], 0.005)] + [3.0])
