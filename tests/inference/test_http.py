@@ -1,7 +1,8 @@
 """The HTTP/1.1 layer against a raw socket server that answers byte by byte as told: split
 packets, chunked bodies with extensions and trailers, bodies that end with the connection,
 interim 100 responses, Connection: close, keep-alive reuse, connections the server closes while
-idle, big bodies, garbage. Both transports (servegen's own and aiohttp) must read them the same."""
+idle, big bodies, repeated headers, HEAD, garbage. Both transports (servegen's own and aiohttp)
+must read them the same."""
 
 import asyncio
 import json
@@ -12,7 +13,7 @@ import time
 import pytest
 
 from servegen.inference import RetriesExhausted, get_model
-from servegen.inference.transport import FastTransport, connects
+from servegen.inference.transport import FastTransport, TransportError, connects, make_transport
 
 BODY = json.dumps({"choices": [{"text": "ok", "finish_reason": "stop"}], "usage": {"completion_tokens": 1}}).encode()
 
@@ -167,10 +168,83 @@ def test_garbage_is_an_error_after_retries(transport):
     assert server.requests == 3
 
 
-def test_more_bytes_than_announced_are_dropped_with_the_connection():
-    server = RawServer(lambda c, r: [head() + BODY + b"EXTRA"])
+@pytest.mark.parametrize("extra", [b"EXTRA", b"HTTP/1.1 2"])
+def test_more_bytes_than_announced_are_dropped_with_the_connection(extra):
+    server = RawServer(lambda c, r: [head() + BODY + extra])
     assert generate(server, "fast", n=3) == ["ok"] * 3
     assert server.connections == 3
+
+
+def call(server, transport, *requests):
+    """(status, headers, body) of each (method, stream?) in turn, on one transport."""
+
+    async def run():
+        t = make_transport(server.base_url, {}, 8, force=transport)
+        answers = []
+        try:
+            for method, stream in requests:
+                if stream:
+                    async with t.stream(method, "/v1/completions", b"{}", 10.0) as s:
+                        answers.append((s.status, s.headers, await s.read()))
+                else:
+                    r = await t.request(method, "/v1/completions", None if method == "HEAD" else b"{}", 10.0)
+                    answers.append((r.status, r.headers, r.body))
+        finally:
+            await t.close()
+        return answers
+
+    return asyncio.run(run())
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_repeated_header_is_its_values_joined_not_the_last_one(transport):
+    """HTTP: a field repeated is one comma-separated list (trailers stay out of the headers)."""
+    fields = "Warning: 199 - one\r\nX-Other: a  \r\nwarning: 199 - two\r\nTransfer-Encoding: chunked"
+    chunked = head(fields, length=None) + b"%x\r\n%s\r\n0\r\nWarning: 199 - trailer\r\n\r\n" % (len(BODY), BODY)
+    server = RawServer(lambda c, r: [chunked])
+    for status, headers, body in call(server, transport, ("POST", False), ("POST", True)):
+        assert (status, body) == (200, BODY)
+        assert headers["warning"] == "199 - one, 199 - two"
+        assert headers["x-other"] == "a"
+        assert headers["transfer-encoding"] == "chunked"
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_head_has_no_body_whatever_its_length_says(transport):
+    server = RawServer(lambda c, r: [head()] if server.requests == 1 else [head() + BODY])
+    answers = call(server, transport, ("HEAD", False), ("POST", False))
+    assert [(status, body) for status, _, body in answers] == [(200, b""), (200, BODY)]
+    assert answers[0][1]["content-length"] == str(len(BODY))
+
+
+def test_many_responses_split_across_reads_at_once_each_keep_their_parser():
+    """FastTransport lends parsers to connections while a response arrives: responses half read
+    on 16 connections at once must not mix."""
+
+    def script(c, r):
+        body = b'{"c": %d}' % c
+        whole = head(f"X-Conn: {c}", length=len(body)) + body
+        return [whole[:20], 0.02, whole[20:70], 0.02, whole[70:]]
+
+    server = RawServer(script)
+
+    async def run():
+        t = make_transport(server.base_url, {}, 16, force="fast")
+        try:
+            return await asyncio.gather(*(t.request("POST", "/v1/completions", b"{}", 10.0) for _ in range(16)))
+        finally:
+            await t.close()
+
+    responses = asyncio.run(run())
+    assert sorted(json.loads(r.body)["c"] for r in responses) == list(range(16))
+    assert all(json.loads(r.body)["c"] == int(r.headers["x-conn"]) for r in responses)
+
+
+def test_headers_that_never_end_are_an_error():
+    endless = head("X-Big: " + "x" * 80_000)[:-4]  # no blank line after the headers
+    server = RawServer(lambda c, r: [p for i in range(0, len(endless), 8192) for p in (endless[i : i + 8192], 0.005)] + [3.0])
+    with pytest.raises(TransportError, match="larger than 64 KiB"):
+        call(server, "fast", ("POST", False))
 
 
 def test_connects_tells_a_listening_port_from_a_closed_one_and_leaves_proxied_addresses_to_requests(monkeypatch):

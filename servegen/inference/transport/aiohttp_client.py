@@ -59,7 +59,9 @@ class _AiohttpStream:
         except BaseException as e:
             raise _translate(e, timeout) from None
         self.status = self._resp.status
-        self.headers = {k.lower(): v for k, v in self._resp.headers.items()}
+        for name, value in self._resp.headers.items():  # every field line, repeated ones too
+            name = name.lower()
+            self.headers[name] = f"{self.headers[name]}, {value}" if name in self.headers else value
         return self
 
     async def __aexit__(self, *exc) -> None:

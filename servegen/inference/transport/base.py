@@ -13,13 +13,13 @@ class TransportError(Exception):
 @dataclass(slots=True)
 class Response:
     status: int
-    headers: dict[str, str]  # lower-case names
+    headers: dict[str, str]  # lower-case names; a repeated field's values joined with ", "
     body: bytes
 
 
 class Stream(Protocol):
     """A response read as it comes: `async with transport.stream(...) as s`, then s.status,
-    s.headers (lower-case names), `async for piece in s` or `await s.read()`."""
+    s.headers (as Response's), `async for piece in s` or `await s.read()`."""
 
     status: int
     headers: dict[str, str]

@@ -1,12 +1,16 @@
 """`FastTransport`: a lean keep-alive connection pool on asyncio protocols, for plain http://
 servers: the hot path, where one model server answers thousands of requests in flight and a
-general-purpose HTTP library costs more CPU than the requests themselves. It speaks what model
-servers answer with: Content-Length bodies, chunked bodies (SSE streams), bodies that end with
-the connection, keep-alive, `Connection: close`, 1xx interim responses. It never pipelines: one
+general-purpose HTTP library costs more CPU than the requests themselves. Responses are parsed by
+httptools (llhttp, the parser uvicorn uses); this module keeps the pool and what a request needs
+around the parser. It speaks what model servers answer with: Content-Length bodies, chunked
+bodies (SSE streams), bodies that end with the connection, keep-alive, `Connection: close`, 1xx
+interim responses; a repeated header's values are joined with ", ". It never pipelines: one
 request at a time per connection."""
 
 import asyncio
 from collections.abc import AsyncIterator
+
+import httptools
 
 from servegen.inference.transport.base import Response, TransportError
 
@@ -26,6 +30,7 @@ class FastTransport:
         self.host = host
         self.port = port
         self._idle: list[_Connection] = []
+        self._readers: list[_Reader] = []  # parsers between responses, lent to any connection
         self._heads: dict[tuple[str, str], bytes] = {}
         host_header = host if port == 80 else f"{host}:{port}"
         if ":" in host and not host.startswith("["):
@@ -47,7 +52,7 @@ class FastTransport:
             # not asyncio.wait_for: on Python 3.11 it loses a cancel that comes as the connection
             # attempt fails (it raises the failure instead), and the cancelled caller carries on
             async with asyncio.timeout(timeout):
-                _, conn = await loop.create_connection(_Connection, self.host, self.port)
+                _, conn = await loop.create_connection(lambda: _Connection(self._readers), self.host, self.port)
         except asyncio.TimeoutError:
             raise TimeoutError(f"connecting to {self.host}:{self.port} took more than {timeout} s") from None
         except OSError as e:
@@ -145,15 +150,74 @@ class _FastStream:
         return b"".join([piece async for piece in self])
 
 
-_HEAD, _LENGTH, _CHUNKED, _UNTIL_CLOSE = range(4)
+class _Stop(Exception):
+    """Raised from a parser callback to stop llhttp: the response is complete and the rest of the
+    bytes, if any, are not for us, so the connection is dropped."""
+
+
+class _Reader:
+    """llhttp (httptools) and its callbacks, which fill in the response of the connection it is
+    lent to. A parser is needed only while a response arrives, and llhttp resets itself after each
+    one, so connections share a few (most responses come in one read): not one per connection,
+    when thousands are open."""
+
+    __slots__ = ("parser", "conn")
+
+    def __init__(self):
+        self.parser = httptools.HttpResponseParser(self)
+        self.conn: _Connection | None = None
+
+    def on_message_begin(self) -> None:
+        conn = self.conn
+        if conn.finished:  # more bytes than the response announced: it stands, the connection does not
+            raise _Stop
+        conn.headers = {}  # also drops a 1xx interim response's headers
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        conn = self.conn
+        if conn.head_done:  # a trailer after a chunked body: not one of the response's headers
+            return
+        name = name.decode("latin-1").lower()
+        value = value.rstrip().decode("latin-1")  # llhttp strips the whitespace before a value only
+        headers = conn.headers
+        # a repeated field is one list, joined as HTTP says (Set-Cookie too: nothing here reads cookies)
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if status < 200:
+            return  # 100 Continue, 103 Early Hints: the real response follows
+        conn = self.conn
+        conn.status = status
+        conn.head_done = True
+        if conn.stream:
+            conn.fut.set_result((status, conn.headers))
+        if conn.method == "HEAD":
+            conn._finish()
+            raise _Stop  # llhttp, not told it was HEAD, would wait for the body the headers announce
+
+    def on_body(self, body: bytes) -> None:
+        conn = self.conn
+        if conn.stream:
+            conn.queue.put_nowait(body)
+        else:
+            conn.parts.append(body)
+
+    def on_message_complete(self) -> None:
+        conn = self.conn
+        if conn.head_done:  # not a 1xx interim response
+            conn.keep_alive = self.parser.should_keep_alive()
+            conn._finish()
 
 
 class _Connection(asyncio.Protocol):
-    """One TCP connection and the parser of the response to the request in flight on it."""
+    """One TCP connection and the state of the response to the request in flight on it."""
 
-    def __init__(self):
+    def __init__(self, readers: list[_Reader]):
         self.loop = asyncio.get_running_loop()
         self.tr = None
+        self.readers = readers  # the transport's idle parsers
+        self.reader: _Reader | None = None  # the one reading this connection's response, if lent
         self.fut: asyncio.Future | None = None  # the response (or, streaming, its head)
         self.stream = False
         self.queue: asyncio.Queue | None = None  # body pieces when streaming
@@ -164,17 +228,12 @@ class _Connection(asyncio.Protocol):
         self.requests = 0
         self.keep_alive = True
         self.finished = True  # no response in progress
-        self._reset()
-
-    def _reset(self) -> None:
-        self.state = _HEAD
-        self.buf = b""
+        self.head_done = False  # the final (not 1xx) response's headers are in
+        self.head_bytes = 0  # bytes fed before the headers were complete
+        self.got_bytes = False
         self.status = 0
         self.headers: dict[str, str] = {}
         self.parts: list[bytes] = []
-        self.remaining = 0
-        self.chunk = -1  # bytes left in the current chunk; -1 size line next, -2 trailers
-        self.got_bytes = False
 
     # -- requests --
 
@@ -182,12 +241,13 @@ class _Connection(asyncio.Protocol):
         return not self.closed and self.finished and not self.tr.is_closing()
 
     def start(self, data: bytes, method: str, timeout: float | None, stream: bool) -> asyncio.Future:
-        self._reset()
         self.method = method
         self.stream = stream
         self.queue = asyncio.Queue() if stream else None
         self.finished = False
-        self.keep_alive = True
+        self.head_done = False
+        self.head_bytes = 0
+        self.got_bytes = False
         self.requests += 1
         self.fut = self.loop.create_future()
         self.timeout = timeout
@@ -227,9 +287,10 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc) -> None:
         was_closed, self.closed = self.closed, True
+        self.reader = None  # mid-response: its parser is not at a boundary, so not lent again
         if self.finished:
             return
-        if self.state == _UNTIL_CLOSE:
+        if self.head_done and self._ends_with_connection():
             self._finish()
         elif was_closed:
             self._fail(TransportError("connection closed"))
@@ -239,131 +300,43 @@ class _Connection(asyncio.Protocol):
             reason = f": {exc}" if exc else ""
             self._fail(TransportError(f"the server closed the connection before a complete response{reason}"))
 
+    def _ends_with_connection(self) -> bool:
+        """Whether the body has neither a length nor chunks: then it is all the bytes before the close."""
+        headers = self.headers
+        return "content-length" not in headers and "chunked" not in headers.get("transfer-encoding", "").lower()
+
     def data_received(self, data: bytes) -> None:
         if self.finished:  # bytes nobody asked for: this connection cannot be trusted
             self.close()
             return
         self.got_bytes = True
-        if self.stream and self.timer is not None and self.state != _HEAD:
+        if self.stream and self.timer is not None and self.head_done:
             self.timer.cancel()  # streaming: the timeout is the longest silence, not the whole stream
             self.timer = self.loop.call_later(self.timeout, self._on_timeout)
+        reader = self.reader
+        if reader is None:
+            reader = self.reader = self.readers.pop() if self.readers else _Reader()
+            reader.conn = self
         try:
-            if self.state == _HEAD:
-                data = self._read_head(data)
-                if not data or self.finished:
-                    return
-            if self.state == _LENGTH:
-                self._read_length(data)
-            elif self.state == _CHUNKED:
-                self._read_chunked(data)
-            else:
-                self._emit(data)
-        except (ValueError, IndexError) as e:
-            self._fail(TransportError(f"malformed HTTP response: {e}"))
-            self.close()
-
-    # -- parsing --
-
-    def _read_head(self, data: bytes) -> bytes:
-        """Consume the status line and headers; return what follows them."""
-        while True:
-            if self.buf:
-                data = self.buf + data
-                self.buf = b""
-            end = data.find(b"\r\n\r\n")
-            if end < 0:
-                if len(data) > MAX_HEAD_BYTES:
-                    raise ValueError("response headers larger than 64 KiB")
-                self.buf = data
-                return b""
-            lines = data[:end].split(b"\r\n")
-            data = data[end + 4 :]
-            status_line = lines[0]
-            if not status_line.startswith(b"HTTP/1."):
-                raise ValueError(f"not an HTTP/1.x status line: {status_line[:40]!r}")
-            status = int(status_line[9:12])
-            if status < 200:
-                continue  # 100 Continue, 103 Early Hints: the real response follows
-            headers = {}
-            for line in lines[1:]:
-                name, sep, value = line.partition(b":")
-                if sep:
-                    headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
-            self.status = status
-            self.headers = headers
-            connection = headers.get("connection", "").lower()
-            if status_line[7:8] == b"0":  # HTTP/1.0 closes unless asked to keep alive
-                self.keep_alive = "keep-alive" in connection
-            else:
-                self.keep_alive = "close" not in connection
-            if self.stream:
-                self.fut.set_result((status, headers))
-            if self.method == "HEAD" or status in (204, 304):
-                self._finish()
-            elif "chunked" in headers.get("transfer-encoding", "").lower():
-                self.state = _CHUNKED
-            elif "content-length" in headers:
-                self.remaining = int(headers["content-length"])
-                self.state = _LENGTH
-                if self.remaining == 0:
-                    self._finish()
-            else:
-                self.state = _UNTIL_CLOSE
-                self.keep_alive = False
-            return data
-
-    def _read_length(self, data: bytes) -> None:
-        n = len(data)
-        if n >= self.remaining:
-            if n > self.remaining:  # more than announced: answer with what was announced, then drop
-                data = data[: self.remaining]
-                self.keep_alive = False
-            self._emit(data)
-            self._finish()
-        else:
-            self.remaining -= n
-            self._emit(data)
-
-    def _read_chunked(self, data: bytes) -> None:
-        buf = self.buf + data if self.buf else data
-        pos = 0
-        while True:
-            if self.chunk < 0:
-                end = buf.find(b"\r\n", pos)
-                if end < 0:
-                    if len(buf) - pos > MAX_HEAD_BYTES:
-                        raise ValueError("chunk header larger than 64 KiB")
-                    break
-                line = buf[pos:end]
-                pos = end + 2
-                if self.chunk == -2:  # trailers end with an empty line
-                    if not line:
-                        self.buf = b""
-                        if pos < len(buf):
-                            self.keep_alive = False
-                        self._finish()
-                        return
-                    continue
-                size = int(line.split(b";", 1)[0].strip(), 16)
-                self.chunk = size if size else -2
-            else:
-                if len(buf) - pos < self.chunk + 2:
-                    break
-                end = pos + self.chunk
-                if buf[end : end + 2] != b"\r\n":
-                    raise ValueError("chunk not followed by CRLF")
-                self._emit(buf[pos:end])
-                pos = end + 2
-                self.chunk = -1
-        self.buf = buf[pos:]
-
-    def _emit(self, piece: bytes) -> None:
-        if not piece:
+            reader.parser.feed_data(data)
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as e:  # Upgrade: a 101 nobody asked for
+            self.reader = None  # its parser stopped mid-message: not lent again
+            self._malformed(f"{type(e).__name__}: {e}")
             return
-        if self.stream:
-            self.queue.put_nowait(piece)
-        else:
-            self.parts.append(piece)
+        if self.finished:
+            self.reader = None
+            if self.keep_alive:  # llhttp is ready for the next response, whichever connection's
+                reader.conn = None
+                self.readers.append(reader)
+        elif not self.head_done:
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD_BYTES:
+                self._malformed("response headers larger than 64 KiB")
+
+    def _malformed(self, problem: str) -> None:
+        if not self.finished:  # else the response was complete and only what followed it was wrong
+            self._fail(TransportError(f"malformed HTTP response: {problem}"))
+        self.close()
 
     def _finish(self) -> None:
         self.finished = True
