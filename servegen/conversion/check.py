@@ -77,17 +77,18 @@ def _check_trtllm(folder: Path, name: str) -> None:
         raise ConversionError(f"--input_model {name} is partial: {', '.join(missing)} missing of {world} ranks")
 
 
-
 def _check_megatron(folder: Path, name: str) -> None:
     """A Megatron-Core torch_dist checkpoint: the tracker file and the iteration it names."""
-    tracker = folder / "latest_checkpointed_iteration.txt"
+    from servegen.server.megatron_checkpoint import TRACKER, iteration_folder
+
+    tracker = folder / TRACKER
     if not tracker.is_file():
-        raise ConversionError(f"--input_model {name} is not a Megatron checkpoint (no latest_checkpointed_iteration.txt)")
-    text = tracker.read_text().strip()
-    if text != "release" and not text.isdigit():
-        raise ConversionError(f"--input_model {name}: latest_checkpointed_iteration.txt holds {text!r}, "
-                              "not an iteration number")
-    step = folder / (text if text == "release" else f"iter_{int(text):07d}")
+        raise ConversionError(f"--input_model {name} is not a Megatron checkpoint (no {TRACKER})")
+    text = tracker.read_text()
+    iteration = iteration_folder(text)
+    if iteration is None:
+        raise ConversionError(f"--input_model {name}: {TRACKER} holds {text.strip()!r}, not an iteration number")
+    step = folder / iteration
     missing = [f for f in ("metadata.json", ".metadata") if not (step / f).is_file()]
     if missing:
         raise ConversionError(f"--input_model {name} is partial: {step.name}/{missing[0]} is missing")

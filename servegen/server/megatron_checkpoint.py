@@ -12,15 +12,21 @@ from servegen.errors import ServegenError
 TRACKER = "latest_checkpointed_iteration.txt"
 
 
+def iteration_folder(tracked: str) -> str | None:
+    """The folder (`iter_0000000`, `release`) of the iteration the tracker file names, or None
+    where what it holds is no iteration."""
+    tracked = tracked.strip()
+    return tracked if tracked == "release" else f"iter_{int(tracked):07d}" if tracked.isdigit() else None
+
+
 def bridge_iteration(model: str) -> str | None:
-    """The iteration folder (`iter_0000000`, `release`) of a Bridge checkpoint at `model`, or None
-    where `model` is not one (no run_config.yaml beside its weights)."""
+    """The iteration folder of a Bridge checkpoint at `model`, or None where `model` is not one
+    (no run_config.yaml beside its weights)."""
     folder = Path(model)
     try:
-        text = (folder / TRACKER).read_text().strip()
+        step = iteration_folder((folder / TRACKER).read_text())
     except OSError:
         return None
-    step = text if text == "release" else f"iter_{int(text):07d}" if text.isdigit() else None
     return step if step is not None and (folder / step / "run_config.yaml").is_file() else None
 
 
